@@ -1,0 +1,74 @@
+"""Token-weighted reduction across data-parallel ranks.
+
+A token-classification loss is a mean over the labelled tokens of the local batch. Data-parallel
+ranks hold different numbers of labelled tokens, so averaging their gradients (what FSDP/DDP do) is a
+mean of means, not the loss of the global batch. Scaling each rank's loss by
+``local_tokens * dp_size / global_tokens`` before backward turns the average back into the exact
+global token mean; the same weights make ``self.log(..., sync_dist=True)`` report the global value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def count_labelled_tokens(batch: Any, labels_key: str, ignore_index: int) -> Tensor | None:
+    labels = batch.get(labels_key) if isinstance(batch, Mapping) else getattr(batch, labels_key, None)
+    if not isinstance(labels, Tensor):
+        return None
+    return (labels != ignore_index).sum().to(torch.float64)
+
+
+class TokenWeighting:
+    """Per-batch weights; ``loss_scale`` stays valid from ``observe`` until the next batch."""
+
+    def __init__(self, labels_key: str = "labels", ignore_index: int = -100, enabled: bool = True) -> None:
+        self.labels_key = labels_key
+        self.ignore_index = ignore_index
+        self.enabled = enabled
+        self.loss_scale = 1.0
+        self._local_tokens: Tensor | None = None
+        self._reducing = False
+
+    def observe(self, batch: Any, data_group: dist.ProcessGroup | None, data_size: int) -> None:
+        """Count this rank's labelled tokens and the data-parallel total (one small all-reduce)."""
+        self.loss_scale = 1.0
+        self._local_tokens = None
+        if not self.enabled or data_size == 1:
+            return
+        local = count_labelled_tokens(batch, self.labels_key, self.ignore_index)
+        if local is None:
+            return
+        total = local.clone()
+        dist.all_reduce(total, group=data_group)
+        if total.item() == 0:  # nothing labelled anywhere: fall back to the plain mean
+            return
+        self._local_tokens = local
+        self.loss_scale = (local * data_size / total).item()
+
+    @contextmanager
+    def reducing_logged_values(self) -> Iterator[None]:
+        """While a step runs, mean-reductions of logged values are token-weighted."""
+        self._reducing = True
+        try:
+            yield
+        finally:
+            self._reducing = False
+
+    def applies_to(self, reduce_op: Any, group: Any) -> bool:
+        op = reduce_op.lower() if isinstance(reduce_op, str) else reduce_op
+        return self._reducing and self._local_tokens is not None and group is None and op in (None, "mean", "avg")
+
+    def weighted_mean(self, value: Tensor) -> Tensor:
+        """Σ_r value_r · tokens_r / Σ_r tokens_r over all ranks (tensor/pipeline peers repeat the same
+        pair, which cancels out)."""
+        tokens = self._local_tokens.to(device=value.device)
+        packed = torch.cat([(value.double() * tokens).reshape(-1), tokens.reshape(1)])
+        dist.all_reduce(packed)
+        return (packed[:-1] / packed[-1]).reshape(value.shape).to(value.dtype)

@@ -1,0 +1,38 @@
+"""One named DeviceMesh for every layout.
+
+The mesh always has the four dimensions (pipeline, data replicate, data shard, tensor) — size-1
+dimensions cost nothing — plus a flattened "data_parallel" dimension, so that a LightningModule
+written for Lightning's own ModelParallelStrategy can keep slicing ``device_mesh["data_parallel"]``
+and ``device_mesh["tensor_parallel"]``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from lightning_mp.config import MeshShape
+
+PIPELINE = "pipeline_parallel"
+DATA_REPLICATE = "data_parallel_replicate"
+DATA_SHARD = "data_parallel_shard"
+DATA = "data_parallel"
+TENSOR = "tensor_parallel"
+
+
+def build_device_mesh(shape: MeshShape, device: torch.device) -> DeviceMesh:
+    mesh = init_device_mesh(
+        device.type,
+        (shape.pipeline, shape.data_replicate, shape.data_shard, shape.tensor),
+        mesh_dim_names=(PIPELINE, DATA_REPLICATE, DATA_SHARD, TENSOR),
+    )
+    # A flattened view over both data dimensions: the data-parallel group of samplers and losses.
+    mesh[(DATA_REPLICATE, DATA_SHARD)]._flatten(DATA)
+    return mesh
+
+
+def fsdp_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """The mesh ``fully_shard`` gets: 1-D when nothing is replicated, else 2-D (HSDP / pure replication)."""
+    if mesh[DATA_REPLICATE].size() == 1:
+        return mesh[DATA_SHARD]
+    return mesh[(DATA_REPLICATE, DATA_SHARD)]

@@ -1,0 +1,368 @@
+"""The Lightning Strategy: process groups, the device mesh and Lightning's lifecycle hooks.
+
+Everything model-specific lives in ``plans/``, everything axis-specific in ``parallel/``; this file
+only decides when each is called.
+"""
+
+from __future__ import annotations
+
+import types
+from contextlib import contextmanager, nullcontext
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Generator, Literal, Mapping, Optional, Union
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.utilities.distributed import (
+    _distributed_is_initialized,
+    _get_default_process_group_backend_for_device,
+    _init_dist_connection,
+    _sync_ddp_if_available,
+)
+from lightning.fabric.utilities.init import _materialize_distributed_module
+from lightning.fabric.utilities.optimizer import _optimizers_to_device
+from lightning.fabric.utilities.seed import reset_seed
+from lightning.pytorch.core.optimizer import LightningOptimizer
+from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+from lightning.pytorch.strategies.parallel import ParallelStrategy
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
+from torch import Tensor
+from torch.distributed.device_mesh import DeviceMesh
+from torch.optim import Optimizer
+
+from lightning_mp import checkpoint as ckpt
+from lightning_mp.config import MeshShape, ParallelConfig, check_divisible, check_pipeline
+from lightning_mp.loss_weighting import TokenWeighting
+from lightning_mp.mesh import DATA, TENSOR, build_device_mesh, fsdp_mesh
+from lightning_mp.parallel.fsdp import (
+    apply_activation_checkpointing,
+    apply_fsdp,
+    is_parallelized,
+    mixed_precision_policy,
+)
+from lightning_mp.parallel.grad_norm import clip_grad_norm_
+from lightning_mp.parallel.tensor import apply_tensor_parallel
+from lightning_mp.plans import ModelPlan, Style, find_plan
+
+SUPPORTED_PRECISION = ("32-true", "bf16-mixed", "bf16-true", "16-mixed", "16-true")
+
+
+class ModelParallelStrategy(ParallelStrategy):
+    """FSDP2 × tensor parallel (× pipeline) for ordinary LightningModules.
+
+    Args:
+        data_parallel_size: ranks that see different data. ``"auto"``: whatever the other degrees leave.
+        tensor_parallel_size: ranks that split each layer. ``"auto"``: all devices of a node (Lightning's
+            meaning); default 1.
+        pipeline_parallel_size: ranks that split the block list into stages.
+        data_parallel_mode: ``"fully_sharded"`` (FSDP2), ``"hybrid"`` (replicate × shard, see
+            ``data_parallel_replicate_size``) or ``"replicated"`` (DDP-like).
+        activation_checkpointing: recompute each block in backward instead of storing its activations.
+        plan: a :class:`ModelPlan` or a ``{module-glob: style}`` dict (paths relative to the
+            LightningModule) for models without a registered plan.
+        token_weighted_loss: when the batch carries ``labels_key``, weight each data-parallel rank's loss
+            and logged means by its count of labels != ``ignore_index`` (exact global token mean).
+        save_distributed_checkpoint: sharded directory (True) or one full file written by rank 0.
+    """
+
+    strategy_name = "lightning_mp"
+
+    def __init__(
+        self,
+        data_parallel_size: Union[Literal["auto"], int] = "auto",
+        tensor_parallel_size: Union[Literal["auto"], int] = 1,
+        pipeline_parallel_size: int = 1,
+        data_parallel_mode: str = "fully_sharded",
+        data_parallel_replicate_size: Optional[int] = None,
+        activation_checkpointing: bool = False,
+        pipeline_schedule: str = "1f1b",
+        microbatches: Optional[int] = None,
+        plan: Union[ModelPlan, dict[str, Style], None] = None,
+        token_weighted_loss: bool = True,
+        labels_key: str = "labels",
+        ignore_index: int = -100,
+        save_distributed_checkpoint: bool = True,
+        process_group_backend: Optional[str] = None,
+        timeout: Optional[timedelta] = default_pg_timeout,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.parallel_config = ParallelConfig(
+            data_parallel_size=data_parallel_size,
+            tensor_parallel_size=tensor_parallel_size,
+            pipeline_parallel_size=pipeline_parallel_size,
+            data_parallel_mode=data_parallel_mode,
+            data_parallel_replicate_size=data_parallel_replicate_size,
+            activation_checkpointing=activation_checkpointing,
+            pipeline_schedule=pipeline_schedule,
+            microbatches=microbatches,
+        )
+        if pipeline_parallel_size > 1:
+            raise NotImplementedError(
+                f"pipeline_parallel_size={pipeline_parallel_size}: pipeline execution is not available in this"
+                " release yet; use data and tensor parallelism."
+            )
+        if isinstance(plan, dict):
+            plan = ModelPlan(tensor_parallel=plan, name="user plan")
+        if plan is not None and not isinstance(plan, ModelPlan):
+            raise TypeError(f"plan must be a ModelPlan or a dict of module-glob -> style, got {type(plan).__name__}.")
+        self._user_plan = plan
+        self._token_weighting = TokenWeighting(labels_key, ignore_index, enabled=token_weighted_loss)
+        self._save_distributed_checkpoint = save_distributed_checkpoint
+        self._process_group_backend = process_group_backend
+        self._timeout = timeout
+        self._mesh_shape: Optional[MeshShape] = None
+        self._device_mesh: Optional[DeviceMesh] = None
+        self.num_nodes = 1
+
+    # ---------------------------------------------------------------- layout and processes
+    @property
+    def device_mesh(self) -> DeviceMesh:
+        if self._device_mesh is None:
+            raise RuntimeError("The device mesh exists only after the processes have initialized (setup_environment).")
+        return self._device_mesh
+
+    @property
+    def mesh_shape(self) -> MeshShape:
+        if self._mesh_shape is None:
+            self._mesh_shape = self.parallel_config.resolve(self.num_nodes * self.num_processes, self.num_processes)
+        return self._mesh_shape
+
+    @property
+    def root_device(self) -> torch.device:
+        assert self.parallel_devices is not None
+        return self.parallel_devices[self.local_rank]
+
+    @property
+    def num_processes(self) -> int:
+        return len(self.parallel_devices) if self.parallel_devices is not None else 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return True  # tells the Trainer to insert DistributedSampler (over data-parallel ranks only)
+
+    @property
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        data_mesh = self.device_mesh[DATA]
+        return {"num_replicas": data_mesh.size(), "rank": data_mesh.get_local_rank()}
+
+    @property
+    def process_group_backend(self) -> Optional[str]:
+        return self._process_group_backend
+
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        return True  # weights can only be loaded into the sharded model
+
+    @property
+    def lightning_restore_optimizer(self) -> bool:
+        return False  # done in load_checkpoint, into sharded optimizer states
+
+    def _configure_launcher(self) -> None:
+        # Called by the Trainer once devices and nodes are known: the earliest moment to reject a layout,
+        # before any process is launched or any process group exists.
+        self._validate_precision()
+        _ = self.mesh_shape
+        assert self.cluster_environment is not None
+        if not self.cluster_environment.creates_processes_externally:
+            self._launcher = _SubprocessScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
+
+    def _validate_precision(self) -> None:
+        precision = getattr(self.precision_plugin, "precision", "32-true")
+        if precision not in SUPPORTED_PRECISION:
+            raise ValueError(
+                f"{type(self).__name__} does not support precision={precision!r}; choose one of"
+                f" {', '.join(SUPPORTED_PRECISION)}."
+            )
+
+    def connect(self, model: pl.LightningModule) -> None:
+        super().connect(model)
+        # Models built in __init__ can be checked now, before the process group is created.
+        if not is_overridden("configure_model", model):
+            self._resolve_plan(model)
+
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        reset_seed()
+        self.set_world_ranks()
+        self._process_group_backend = self._process_group_backend or _get_default_process_group_backend_for_device(
+            self.root_device
+        )
+        kwargs: dict[str, Any] = {"timeout": self._timeout}
+        if self.root_device.type != "cpu":
+            kwargs["device_id"] = self.root_device
+        _init_dist_connection(self.cluster_environment, self._process_group_backend, **kwargs)
+        self._device_mesh = build_device_mesh(self.mesh_shape, self.root_device)
+        assert self.lightning_module is not None
+        self.lightning_module._device_mesh = self._device_mesh  # LightningModule.device_mesh
+
+    def set_world_ranks(self) -> None:
+        if self.cluster_environment is not None:
+            self.cluster_environment.set_global_rank(self.node_rank * self.num_processes + self.local_rank)
+            self.cluster_environment.set_world_size(self.num_nodes * self.num_processes)
+        rank_zero_only.rank = utils_rank_zero_only.rank = self.global_rank
+
+    # ---------------------------------------------------------------- parallelizing the model
+    def _resolve_plan(self, module: pl.LightningModule) -> tuple[Any, ModelPlan] | None:
+        """Find (model, plan) and check it against the degrees; raise if TP is asked for without one."""
+        if self._user_plan is not None:
+            found: Any = ("", module, self._user_plan)
+        else:
+            found = find_plan(module)
+        shape = self.mesh_shape
+        if found is None:
+            if shape.tensor > 1:
+                raise ValueError(
+                    f"tensor_parallel_size={shape.tensor}, but no tensor-parallel plan is known for the models"
+                    f" inside {type(module).__name__}. Either pass `plan={{'path.to.linear': 'colwise', ...}}` to"
+                    " ModelParallelStrategy, register one with `lightning_mp.register_plan(ModelClass, factory)`,"
+                    " or parallelize the model yourself in `configure_model` using `self.device_mesh`."
+                )
+            return None
+        _, model, plan = found
+        check_divisible(shape.tensor, plan.divisible_sizes, plan.name)
+        if plan.blocks is not None:
+            check_pipeline(self.parallel_config, len(model.get_submodule(plan.blocks)))
+        if self.parallel_config.activation_checkpointing and plan.blocks is None:
+            raise ValueError(f"activation_checkpointing=True needs a plan that names the blocks of {plan.name}.")
+        return model, plan
+
+    def _parallelize(self, module: pl.LightningModule) -> None:
+        resolved = self._resolve_plan(module)
+        model, plan = resolved if resolved is not None else (None, ModelPlan())
+        if model is not None:
+            apply_tensor_parallel(model, self.device_mesh[TENSOR], plan.tensor_parallel)
+        blocks = list(model.get_submodule(plan.blocks)) if model is not None and plan.blocks else []
+        if self.parallel_config.activation_checkpointing:
+            apply_activation_checkpointing(blocks)
+        if self.mesh_shape.data > 1:
+            # The LightningModule itself is never made an FSDP unit: that would change its class.
+            fsdp_root = None if model is module else model
+            apply_fsdp(module, fsdp_root, blocks, fsdp_mesh(self.device_mesh), mixed_precision_policy(self._precision))
+
+    @property
+    def _precision(self) -> str:
+        return getattr(self.precision_plugin, "precision", "32-true")
+
+    def setup(self, trainer: pl.Trainer) -> None:
+        assert self.model is not None and self.accelerator is not None
+        self.accelerator.setup(trainer)
+        if not is_parallelized(self.model):
+            # "-true" precisions cast weights before sharding, so shards are created in the target dtype.
+            self.model = self.precision_plugin.convert_module(self.model)
+            self._parallelize(self.lightning_module)
+        _materialize_distributed_module(self.model, self.root_device)
+        self.model_to_device()
+        self.barrier()
+        if trainer.state.fn == TrainerFn.FITTING:
+            self._reset_optimizers_and_schedulers()
+            self.setup_optimizers(trainer)
+        self.setup_precision_plugin()
+        self._route_gradient_clipping()
+        if trainer.state.fn == TrainerFn.FITTING:
+            _optimizers_to_device(self.optimizers, self.root_device)
+
+    def _route_gradient_clipping(self) -> None:
+        # Lightning clips inside the precision plugin with torch's clip_grad_norm_, which cannot combine
+        # norms of gradients sharded over different meshes. Route it to the global-norm version.
+        def clip_grad_by_norm(plugin: Any, optimizer: Optimizer, clip_val: Union[int, float]) -> None:
+            clip_grad_norm_(list(plugin.main_params(optimizer)), clip_val)
+
+        self.precision_plugin.clip_grad_by_norm = types.MethodType(clip_grad_by_norm, self.precision_plugin)
+
+    def model_to_device(self) -> None:
+        assert self.model is not None
+        self.model.to(self.root_device)
+
+    @contextmanager
+    def tensor_init_context(self, empty_init: Optional[bool] = None) -> Generator[None, None, None]:
+        # Meta tensors are materialized after sharding, in setup().
+        with torch.device("meta") if empty_init else nullcontext(), self.precision_plugin.tensor_init_context():
+            yield
+
+    # ---------------------------------------------------------------- steps, backward, reductions
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        return self._weighted_step(super().training_step, *args, **kwargs)
+
+    def validation_step(self, *args: Any, **kwargs: Any) -> Any:
+        return self._weighted_step(super().validation_step, *args, **kwargs)
+
+    def test_step(self, *args: Any, **kwargs: Any) -> Any:
+        return self._weighted_step(super().test_step, *args, **kwargs)
+
+    def _weighted_step(self, step: Any, *args: Any, **kwargs: Any) -> Any:
+        batch = args[0] if args else kwargs.get("batch")
+        data_mesh = self.device_mesh[DATA]
+        self._token_weighting.observe(batch, data_mesh.get_group(), data_mesh.size())
+        with self._token_weighting.reducing_logged_values():
+            return step(*args, **kwargs)
+
+    def backward(self, closure_loss: Tensor, optimizer: Optional[Optimizer], *args: Any, **kwargs: Any) -> Tensor:
+        if self._token_weighting.loss_scale != 1.0:
+            closure_loss = closure_loss * self._token_weighting.loss_scale
+        return super().backward(closure_loss, optimizer, *args, **kwargs)
+
+    def reduce(self, tensor: Any, group: Optional[Any] = None, reduce_op: Optional[Any] = "mean") -> Any:
+        if not isinstance(tensor, Tensor):
+            return tensor
+        if self._token_weighting.applies_to(reduce_op, group):
+            return self._token_weighting.weighted_mean(tensor)
+        return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
+
+    def barrier(self, name: Optional[str] = None) -> None:
+        if not _distributed_is_initialized():
+            return
+        if torch.distributed.get_backend() == "nccl":
+            torch.distributed.barrier(device_ids=[self.root_device.index])
+        else:
+            torch.distributed.barrier()
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        if not _distributed_is_initialized():
+            return obj
+        holder = [obj]
+        torch.distributed.broadcast_object_list(holder, src)
+        return holder[0]
+
+    def teardown(self) -> None:
+        assert self.cluster_environment is not None and self.accelerator is not None
+        self.cluster_environment.teardown()
+        self.precision_plugin.teardown()
+        self.accelerator.teardown()
+
+    # ---------------------------------------------------------------- checkpoints
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        assert self.model is not None
+        return ckpt.model_state(self.model, full=not self._save_distributed_checkpoint)
+
+    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
+        if isinstance(optimizer, LightningOptimizer):
+            optimizer = optimizer._optimizer
+        assert self.model is not None
+        return ckpt.optimizer_state(self.model, optimizer, full=not self._save_distributed_checkpoint)
+
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        pass  # already loaded into the sharded model by load_checkpoint
+
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        pass  # already loaded into the sharded optimizers by load_checkpoint
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__}.save_checkpoint does not take storage_options.")
+        path = Path(self.broadcast(str(filepath)))
+        if self._save_distributed_checkpoint:
+            ckpt.save_sharded(checkpoint, path, self.is_global_zero)
+        elif self.is_global_zero:
+            self.checkpoint_io.save_checkpoint(checkpoint, path)
+        self.barrier()
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        path = Path(self.broadcast(str(checkpoint_path)))
+        assert self.model is not None and self.lightning_module is not None
+        return ckpt.load_into(path, self.model, self.optimizers, self.lightning_module.strict_loading, weights_only)

@@ -1,0 +1,97 @@
+"""Train the tiny BERT for a few steps under a given layout; rank 0 writes losses and full weights.
+
+Run directly (``python tests/workers/train.py --out x.pt``) or under torchrun; the single-process
+reference is the same script with ``--devices 1 --strategy none``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+from lightning.pytorch.callbacks import Callback  # noqa: E402
+from tiny_bert import TinyBertModule, loader  # noqa: E402
+
+
+class RecordLoss(Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(trainer.callback_metrics["train_loss"]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--devices", type=int, default=1)
+    parser.add_argument("--num-nodes", type=int, default=1)
+    parser.add_argument("--strategy", default="lightning_mp", choices=["lightning_mp", "lightning", "none"],
+                        help="lightning: Lightning's own ModelParallelStrategy (the peer)")
+    parser.add_argument("--layout", default="{}", help="JSON kwargs for ModelParallelStrategy")
+    parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=16, help="global batch size")
+    parser.add_argument("--accumulate", type=int, default=1)
+    parser.add_argument("--clip", type=float, default=None)
+    parser.add_argument("--module", default="tiny", choices=["tiny", "dropin"])
+    parser.add_argument("--all-labelled", action="store_true", help="every token labelled (equal counts per rank)")
+    args = parser.parse_args()
+
+    L.seed_everything(0, verbose=False)
+    layout = json.loads(args.layout)
+    if args.strategy == "none":
+        strategy, data_size = "auto", 1
+    elif args.strategy == "lightning":
+        from lightning.pytorch.strategies import ModelParallelStrategy as LightningModelParallel
+
+        strategy = LightningModelParallel(**layout)
+    else:
+        from lightning_mp import ModelParallelStrategy
+
+        strategy = ModelParallelStrategy(**layout)
+    if args.strategy != "none":
+        world = args.devices * args.num_nodes
+        data_size = layout.get("data_parallel_size", world // layout.get("tensor_parallel_size", 1))
+    if args.module == "dropin":
+        from dropin_module import DropInModule as Module
+    else:
+        Module = TinyBertModule
+    recorder = RecordLoss()
+    trainer = L.Trainer(
+        accelerator="cpu", devices=args.devices, num_nodes=args.num_nodes, strategy=strategy,
+        precision=args.precision, max_steps=args.steps, accumulate_grad_batches=args.accumulate,
+        gradient_clip_val=args.clip, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[recorder], num_sanity_val_steps=0,
+    )
+    module = Module()
+    single = args.strategy == "none"
+    trainer.fit(module, loader(args.batch_size // data_size, single_process=single, all_labelled=args.all_labelled))
+    result = {"losses": recorder.losses}
+    if args.strategy == "lightning_mp":
+        from lightning_mp.checkpoint import model_state
+        from lightning_mp.memory import local_state_bytes
+
+        result["state_dict"] = model_state(module, full=True)
+        result["local_bytes"] = local_state_bytes(module, trainer.optimizers[0])
+        gathered = [None] * trainer.world_size
+        torch.distributed.all_gather_object(gathered, result["local_bytes"])
+        result["bytes_per_rank"] = gathered
+    elif args.strategy == "lightning":
+        from lightning_mp.checkpoint import model_state
+
+        result["state_dict"] = model_state(module, full=True)
+    else:
+        result["state_dict"] = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    if trainer.is_global_zero:
+        torch.save(result, args.out)
+
+
+if __name__ == "__main__":
+    main()
