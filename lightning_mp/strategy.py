@@ -170,7 +170,7 @@ class ModelParallelStrategy(ParallelStrategy):
         _ = self.mesh_shape
         assert self.cluster_environment is not None
         if not self.cluster_environment.creates_processes_externally:
-            self._launcher = _SubprocessScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
+            self._launcher = _CheckModelThenLaunch(self, self.cluster_environment, self.num_processes, self.num_nodes)
 
     def _validate_precision(self) -> None:
         precision = getattr(self.precision_plugin, "precision", "32-true")
@@ -182,7 +182,11 @@ class ModelParallelStrategy(ParallelStrategy):
 
     def connect(self, model: pl.LightningModule) -> None:
         super().connect(model)
-        # Models built in __init__ can be checked now, before the process group is created.
+        self.check_model(model)  # under an external launcher (torchrun) this is the first look at the model
+
+    def check_model(self, model: pl.LightningModule) -> None:
+        """Check plan and degrees against a model built in ``__init__``; one built in ``configure_model``
+        can only be checked in ``setup``."""
         if not is_overridden("configure_model", model):
             self._resolve_plan(model)
 
@@ -366,3 +370,17 @@ class ModelParallelStrategy(ParallelStrategy):
         path = Path(self.broadcast(str(checkpoint_path)))
         assert self.model is not None and self.lightning_module is not None
         return ckpt.load_into(path, self.model, self.optimizers, self.lightning_module.strict_loading, weights_only)
+
+
+class _CheckModelThenLaunch(_SubprocessScriptLauncher):
+    """Lightning's script launcher, but a model that cannot be parallelized fails before any child
+    process is started."""
+
+    def __init__(self, strategy: ModelParallelStrategy, *args: Any) -> None:
+        super().__init__(*args)
+        self._strategy = strategy
+
+    def launch(self, function: Any, *args: Any, trainer: Optional[pl.Trainer] = None, **kwargs: Any) -> Any:
+        if args and isinstance(args[0], pl.LightningModule):
+            self._strategy.check_model(args[0])
+        return super().launch(function, *args, trainer=trainer, **kwargs)

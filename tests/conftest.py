@@ -1,0 +1,45 @@
+"""Shared helpers: run a worker script as its own multi-process job and load what rank 0 wrote."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+WORKERS = Path(__file__).parent / "workers"
+
+
+def run_worker(tmp_path: Path, *, devices: int = 1, layout: dict | None = None, strategy: str = "lightning_mp",
+               extra: tuple[str, ...] = (), launcher: tuple[str, ...] = (), timeout: int = 300) -> dict:
+    out = tmp_path / f"result-{os.urandom(4).hex()}.pt"
+    cmd = [*(launcher or (sys.executable,)), str(WORKERS / "train.py"), "--out", str(out), "--devices", str(devices),
+           "--strategy", strategy, "--layout", json.dumps(layout or {}), *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp_path)
+    if proc.returncode != 0 or not out.exists():
+        raise AssertionError(f"worker failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return torch.load(out, weights_only=False)
+
+
+def max_weight_difference(a: dict, b: dict) -> float:
+    assert set(a) == set(b), f"state dict keys differ: {sorted(set(a) ^ set(b))}"
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+@pytest.fixture(scope="session")
+def reference_runs(tmp_path_factory):
+    """Single-process runs on the whole global batch, computed once per set of extra arguments."""
+    cache: dict[tuple[str, ...], dict] = {}
+    base = tmp_path_factory.mktemp("reference")
+
+    def get(*extra: str) -> dict:
+        if extra not in cache:
+            cache[extra] = run_worker(base, strategy="none", extra=extra)
+        return cache[extra]
+
+    return get

@@ -1,0 +1,47 @@
+"""External launchers: torchrun on one node, and two torchrun "nodes" on this machine (num_nodes=2)."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import WORKERS, max_weight_difference, run_worker
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_torchrun_single_node(tmp_path, reference_runs):
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                "--master-port", str(free_port()))
+    result = run_worker(tmp_path, devices=2, layout={"tensor_parallel_size": 2}, launcher=torchrun)
+    reference = reference_runs()
+    assert result["losses"] == pytest.approx(reference["losses"], abs=1e-5)
+    assert max_weight_difference(result["state_dict"], reference["state_dict"]) < 1e-5
+
+
+def test_torchrun_two_nodes(tmp_path, reference_runs):
+    port = str(free_port())
+    out = tmp_path / "two-nodes.pt"
+    nodes = []
+    for node_rank in (0, 1):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node_rank),
+               "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", port,
+               str(WORKERS / "train.py"), "--out", str(out), "--devices", "1", "--num-nodes", "2",
+               "--layout", '{"data_parallel_size": 2}']
+        nodes.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path))
+    logs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), "\n".join(log[-3000:] for log in logs)
+    result = torch.load(out, weights_only=False)
+    reference = reference_runs()
+    assert len(result["bytes_per_rank"]) == 2
+    assert result["losses"] == pytest.approx(reference["losses"], abs=1e-5)
+    assert max_weight_difference(result["state_dict"], reference["state_dict"]) < 1e-5

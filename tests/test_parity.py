@@ -1,0 +1,54 @@
+"""Multi-process runs equal a single process on the global batch: losses per step and weights after
+3 AdamW steps. Ranks are CPU processes over gloo; the same code runs on CUDA/NCCL."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import max_weight_difference, run_worker
+
+pytestmark = pytest.mark.slow
+
+FP32_TOLERANCE = 1e-5
+
+LAYOUTS = {
+    "dp4": (4, {"data_parallel_size": 4}),
+    "tp4": (4, {"data_parallel_size": 1, "tensor_parallel_size": 4}),
+    "dp2xtp2": (4, {"data_parallel_size": 2, "tensor_parallel_size": 2}),
+    "hybrid2x2": (4, {"data_parallel_size": 4, "data_parallel_mode": "hybrid", "data_parallel_replicate_size": 2}),
+    "replicated2": (2, {"data_parallel_size": 2, "data_parallel_mode": "replicated"}),
+}
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_layout_matches_single_process(name, tmp_path, reference_runs):
+    devices, layout = LAYOUTS[name]
+    reference = reference_runs()
+    result = run_worker(tmp_path, devices=devices, layout=layout)
+    assert result["losses"] == pytest.approx(reference["losses"], abs=FP32_TOLERANCE)
+    assert max_weight_difference(result["state_dict"], reference["state_dict"]) < FP32_TOLERANCE
+
+
+def test_bf16_mixed_tensor_parallel_is_close(tmp_path, reference_runs):
+    reference = reference_runs("--precision", "bf16-mixed")
+    result = run_worker(tmp_path, devices=2, layout={"tensor_parallel_size": 2}, extra=("--precision", "bf16-mixed"))
+    assert result["losses"] == pytest.approx(reference["losses"], abs=2e-2)
+    assert max_weight_difference(result["state_dict"], reference["state_dict"]) < 5e-3
+
+
+def test_clipping_and_accumulation_match(tmp_path, reference_runs):
+    # A clip value far below the gradient norm, so every step is clipped by the *global* norm.
+    extra = ("--clip", "0.05", "--accumulate", "2", "--steps", "2")
+    reference = reference_runs(*extra)
+    result = run_worker(tmp_path, devices=4, layout={"data_parallel_size": 2, "tensor_parallel_size": 2}, extra=extra)
+    assert result["losses"] == pytest.approx(reference["losses"], abs=FP32_TOLERANCE)
+    assert max_weight_difference(result["state_dict"], reference["state_dict"]) < FP32_TOLERANCE
+    unclipped = reference_runs("--accumulate", "2", "--steps", "2")
+    assert max_weight_difference(unclipped["state_dict"], reference["state_dict"]) > 1e-4  # clipping did bite
+
+
+def test_unweighted_loss_is_a_mean_of_means(tmp_path, reference_runs):
+    """Guards the test data itself: shards hold different label counts, so skipping the token weighting
+    must give a visibly different loss."""
+    reference = reference_runs()
+    result = run_worker(tmp_path, devices=2, layout={"data_parallel_size": 2, "token_weighted_loss": False})
+    assert abs(result["losses"][0] - reference["losses"][0]) > 1e-4

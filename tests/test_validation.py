@@ -1,0 +1,110 @@
+"""Bad layouts fail with the numbers in the message, before any process or process group exists."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+import torch.distributed as dist
+from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+from torch import nn
+from workers.tiny_bert import TinyBertModule
+
+from lightning_mp import ModelParallelStrategy, ParallelConfig
+
+
+@pytest.fixture(autouse=True)
+def no_child_processes(monkeypatch):
+    """If validation ever let a bad layout through, fail instead of forking pytest."""
+
+    def refuse(self):
+        raise AssertionError("child processes were launched before validation failed")
+
+    monkeypatch.setattr(_SubprocessScriptLauncher, "_call_children_scripts", refuse)
+    yield
+    assert not dist.is_initialized(), "a process group was created"
+
+
+def trainer(devices: int, **strategy_kwargs) -> L.Trainer:
+    return L.Trainer(accelerator="cpu", devices=devices, strategy=ModelParallelStrategy(**strategy_kwargs),
+                     logger=False, enable_checkpointing=False, max_steps=1)
+
+
+def test_degrees_must_multiply_to_world_size():
+    with pytest.raises(ValueError) as error:
+        trainer(4, data_parallel_size=3, tensor_parallel_size=2)
+    message = str(error.value)
+    assert "data_parallel_size (3) × tensor_parallel_size (2) × pipeline_parallel_size (1) = 6" in message
+    assert "world size is 4" in message
+    assert "(data=2, tensor=2, pipeline=1)" in message  # a valid suggestion
+
+
+def test_auto_data_parallel_needs_a_divisor():
+    with pytest.raises(ValueError, match=r"tensor_parallel_size \(3\) × pipeline_parallel_size \(1\) = 3 does not divide the world size 4"):
+        trainer(4, tensor_parallel_size=3)
+
+
+def test_hybrid_needs_a_dividing_replicate_size():
+    with pytest.raises(ValueError, match=r"data_parallel_replicate_size=3 does not divide data_parallel_size=4; valid values: \[1, 2, 4\]"):
+        trainer(4, data_parallel_mode="hybrid", data_parallel_replicate_size=3)
+    with pytest.raises(ValueError, match="needs data_parallel_replicate_size"):
+        trainer(4, data_parallel_mode="hybrid")
+
+
+def test_tensor_parallel_must_divide_heads_before_launch():
+    strategy_trainer = trainer(3, tensor_parallel_size=3)
+    with pytest.raises(ValueError) as error:
+        strategy_trainer.fit(TinyBertModule())
+    assert "tensor_parallel_size=3 does not divide num_attention_heads=4" in str(error.value)
+    assert "valid tensor_parallel_size values for this model: 1, 2, 4" in str(error.value)
+
+
+class PlainMLP(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 1))
+
+
+def test_model_without_plan_says_how_to_supply_one():
+    with pytest.raises(ValueError) as error:
+        trainer(2, tensor_parallel_size=2).fit(PlainMLP())
+    message = str(error.value)
+    assert "no tensor-parallel plan is known" in message and "PlainMLP" in message
+    assert "plan=" in message and "register_plan" in message and "configure_model" in message
+
+
+def test_unknown_precision_lists_valid_ones():
+    with pytest.raises(ValueError, match=r"precision='64-true'.*32-true, bf16-mixed, bf16-true"):
+        L.Trainer(accelerator="cpu", devices=2, precision="64-true", strategy=ModelParallelStrategy())
+
+
+@pytest.mark.parametrize("kwargs,pattern", [
+    ({"data_parallel_mode": "zero3"}, "data_parallel_mode='zero3' is not one of fully_sharded, hybrid, replicated"),
+    ({"pipeline_schedule": "pipedream"}, "valid schedules: gpipe, 1f1b, interleaved_1f1b"),
+    ({"tensor_parallel_size": 0}, "tensor_parallel_size must be a positive int or 'auto', got 0"),
+    ({"data_parallel_replicate_size": 2}, "only applies to data_parallel_mode='hybrid'"),
+])
+def test_config_errors(kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        ParallelConfig(**kwargs)
+
+
+def test_plan_glob_matching_nothing_is_an_error():
+    from lightning_mp.parallel.tensor import expand_globs
+
+    with pytest.raises(ValueError, match=r"'net\.\*\.weights' matches no module"):
+        expand_globs(PlainMLP(), {"net.*.weights": "colwise"})
+    resolved = expand_globs(PlainMLP(), {"net.*": "colwise"})
+    assert sorted(resolved) == ["net.0", "net.1", "net.2"]
+
+
+def test_bert_plan_covers_every_layer():
+    from lightning_mp.plans import find_plan
+
+    path, model, plan = find_plan(TinyBertModule())
+    assert path == "model" and plan.blocks == "bert.encoder.layer"
+    from lightning_mp.parallel.tensor import expand_globs
+
+    resolved = expand_globs(model, plan.tensor_parallel)
+    assert len(resolved) == 6 * 2  # six linears in each of two layers
+    assert plan.divisible_sizes == {"num_attention_heads": 4, "intermediate_size": 64}
