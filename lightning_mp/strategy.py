@@ -261,6 +261,7 @@ class ModelParallelStrategy(ParallelStrategy):
             self.model = self.precision_plugin.convert_module(self.model)
             self._parallelize(self.lightning_module)
         _materialize_distributed_module(self.model, self.root_device)
+        self._sync_metrics_over_data_parallel()
         self.model_to_device()
         self.barrier()
         if trainer.state.fn == TrainerFn.FITTING:
@@ -270,6 +271,16 @@ class ModelParallelStrategy(ParallelStrategy):
         self._route_gradient_clipping()
         if trainer.state.fn == TrainerFn.FITTING:
             _optimizers_to_device(self.optimizers, self.root_device)
+
+    def _sync_metrics_over_data_parallel(self) -> None:
+        # Tensor-parallel peers see the same batch; syncing a torchmetrics Metric over the whole world
+        # would count every sample once per tensor rank.
+        from torchmetrics import Metric
+
+        group = self.device_mesh[DATA].get_group()
+        for module in self.model.modules():
+            if isinstance(module, Metric):
+                module.process_group = group
 
     def _route_gradient_clipping(self) -> None:
         # Lightning clips inside the precision plugin with torch's clip_grad_norm_, which cannot combine

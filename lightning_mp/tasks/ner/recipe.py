@@ -1,0 +1,110 @@
+"""From a composed Hydra config (conf/ner_bert.yaml) to a trained, tested and exported NER model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from omegaconf import DictConfig
+
+from lightning_mp.callbacks import TokensPerSecond
+from lightning_mp.config import ParallelConfig, check_divisible
+from lightning_mp.export import export_hf_model
+from lightning_mp.strategy import SUPPORTED_PRECISION, ModelParallelStrategy
+from lightning_mp.tasks.ner.data import NERDataModule, minilm_path
+from lightning_mp.tasks.ner.module import TokenClassifier
+
+
+def parallel_config(cfg: DictConfig) -> ParallelConfig:
+    p = cfg.parallel
+    return ParallelConfig(
+        data_parallel_size=p.data, tensor_parallel_size=p.tensor, pipeline_parallel_size=p.pipeline,
+        data_parallel_mode=p.mode, data_parallel_replicate_size=p.replicate,
+        activation_checkpointing=p.activation_checkpointing, pipeline_schedule=p.schedule,
+        microbatches=p.microbatches,
+    )
+
+
+def _local_or_hub(name: str, original_cwd: Path) -> str:
+    """Relative paths are relative to where the user ran the recipe (Hydra changes the directory)."""
+    local = original_cwd / str(name)
+    return str(local) if local.exists() else str(name)
+
+
+def model_source(cfg: DictConfig, original_cwd: Path) -> Any:
+    """A path/hub id of pretrained weights, or a BertConfig of the chosen shape (random init)."""
+    m = cfg.model
+    if m.name_or_path:
+        return _local_or_hub(m.name_or_path, original_cwd)
+    if m.pretrained:
+        return str(minilm_path())
+    from transformers import BertConfig
+
+    return BertConfig(vocab_size=30522, hidden_size=m.hidden_size, num_hidden_layers=m.num_hidden_layers,
+                      num_attention_heads=m.num_attention_heads, intermediate_size=m.intermediate_size)
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Fail on bad overrides at once, before data, models or processes are touched."""
+    world = int(cfg.trainer.devices) * int(cfg.trainer.num_nodes)
+    shape = parallel_config(cfg).resolve(world, int(cfg.trainer.devices))
+    if cfg.trainer.precision not in SUPPORTED_PRECISION:
+        raise ValueError(f"trainer.precision={cfg.trainer.precision!r}; valid: {', '.join(SUPPORTED_PRECISION)}.")
+    m = cfg.model
+    if not m.name_or_path:  # shapes we know without loading anything
+        check_divisible(shape.tensor, {"num_attention_heads": m.num_attention_heads,
+                                       "intermediate_size": m.intermediate_size}, f"model={m.name}")
+    batch = int(cfg.trainer.batch_size)
+    if batch % shape.data:
+        raise ValueError(f"trainer.batch_size={batch} is not divisible by the {shape.data} data-parallel ranks.")
+
+
+def build_strategy(cfg: DictConfig) -> ModelParallelStrategy:
+    p = cfg.parallel
+    return ModelParallelStrategy(
+        data_parallel_size=p.data, tensor_parallel_size=p.tensor, pipeline_parallel_size=p.pipeline,
+        data_parallel_mode=p.mode, data_parallel_replicate_size=p.replicate,
+        activation_checkpointing=p.activation_checkpointing, pipeline_schedule=p.schedule,
+        microbatches=p.microbatches, save_distributed_checkpoint=cfg.trainer.save_distributed_checkpoint,
+    )
+
+
+def run_ner(cfg: DictConfig, original_cwd: Path, run_dir: Path) -> float:
+    """Train, test the best checkpoint, export an HF directory; returns the test entity F1."""
+    L.seed_everything(cfg.seed, workers=True)
+    t, d = cfg.trainer, cfg.data
+    world = int(t.devices) * int(t.num_nodes)
+    data_size = parallel_config(cfg).resolve(world, int(t.devices)).data
+    absolute = lambda path: str(original_cwd / path) if path else None  # noqa: E731
+    source = model_source(cfg, original_cwd)
+    tokenizer = cfg.model.tokenizer and _local_or_hub(cfg.model.tokenizer, original_cwd)
+    datamodule = NERDataModule(
+        tokenizer_path=tokenizer or (source if isinstance(source, str) else None),
+        train_file=absolute(d.train_file), val_file=absolute(d.val_file),
+        test_file=absolute(d.test_file), batch_size=int(t.batch_size) // data_size, max_length=d.max_length,
+        num_workers=d.num_workers, split_seed=d.split_seed, shuffle_seed=cfg.seed, hf_dataset=d.hf_dataset,
+    )
+    module = TokenClassifier(source, datamodule.label_list, learning_rate=t.learning_rate,
+                             weight_decay=t.weight_decay, warmup_ratio=t.warmup_ratio, scheme=d.scheme)
+    checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best-{epoch}-{val_f1:.4f}",
+                                 monitor="val_f1", mode="max", save_top_k=1)
+    trainer = L.Trainer(
+        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, precision=t.precision,
+        strategy=build_strategy(cfg), max_epochs=t.max_epochs, gradient_clip_val=t.gradient_clip_val,
+        accumulate_grad_batches=t.accumulate_grad_batches, limit_train_batches=t.limit_train_batches,
+        limit_val_batches=t.limit_val_batches, log_every_n_steps=t.log_every_n_steps,
+        logger=[CSVLogger(run_dir, name="csv"), TensorBoardLogger(run_dir, name="tensorboard")],
+        callbacks=[checkpoint, TokensPerSecond(), LearningRateMonitor(logging_interval="step")],
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(module, datamodule=datamodule)
+    trainer.test(module, datamodule=datamodule, ckpt_path="best" if checkpoint.best_model_path else None)
+    f1 = float(trainer.callback_metrics.get("test_f1", float("nan")))
+    export_dir = export_hf_model(module, "model", run_dir / cfg.export_dir, tokenizer=datamodule.tokenizer)
+    if trainer.is_global_zero:
+        print(f"\nTest entities (best checkpoint {checkpoint.best_model_path or 'last weights'}):\n{module.test_report}")
+        print(f"\ntest entity F1 = {f1:.4f}; Hugging Face model exported to {export_dir}")
+    return f1
