@@ -12,6 +12,14 @@ import pytest
 import torch
 
 WORKERS = Path(__file__).parent / "workers"
+# Set by an in-process Trainer run; a child that inherited them would think torchrun had launched it.
+LAUNCH_VARIABLES = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK", "GROUP_RANK",
+                    "MASTER_ADDR", "MASTER_PORT")
+
+
+def clean_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES} | {
+        "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 
 def run_worker(tmp_path: Path, *, devices: int = 1, layout: dict | None = None, strategy: str = "lightning_mp",
@@ -19,8 +27,7 @@ def run_worker(tmp_path: Path, *, devices: int = 1, layout: dict | None = None, 
     out = tmp_path / f"result-{os.urandom(4).hex()}.pt"
     cmd = [*(launcher or (sys.executable,)), str(WORKERS / "train.py"), "--out", str(out), "--devices", str(devices),
            "--strategy", strategy, "--layout", json.dumps(layout or {}), *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp_path)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=clean_env(), cwd=tmp_path)
     if proc.returncode != 0 or not out.exists():
         raise AssertionError(f"worker failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return torch.load(out, weights_only=False)

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import WORKERS, max_weight_difference, run_worker
+from conftest import WORKERS, clean_env, max_weight_difference, run_worker
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +37,8 @@ def test_torchrun_two_nodes(tmp_path, reference_runs):
                "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", port,
                str(WORKERS / "train.py"), "--out", str(out), "--devices", "1", "--num-nodes", "2",
                "--layout", '{"data_parallel_size": 2}']
-        nodes.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path))
+        nodes.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+                                      env=clean_env()))
     logs = [node.communicate(timeout=300)[0] for node in nodes]
     assert all(node.returncode == 0 for node in nodes), "\n".join(log[-3000:] for log in logs)
     result = torch.load(out, weights_only=False)

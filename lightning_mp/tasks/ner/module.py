@@ -32,6 +32,7 @@ class TokenClassifier(L.LightningModule):
             self.model = AutoModelForTokenClassification.from_config(model)
         else:
             self.model = AutoModelForTokenClassification.from_pretrained(str(model), **labels)
+        self.model.train()  # from_pretrained returns eval mode: dropout would stay off during fine-tuning
         types = EntityF1.types_from_labels(label_list)
         self.val_f1 = EntityF1(types, scheme)
         self.test_f1 = EntityF1(types, scheme)
@@ -68,7 +69,7 @@ class TokenClassifier(L.LightningModule):
     def _log_scores(self, metric: EntityF1, prefix: str) -> None:
         scores = metric.compute()  # syncs counts across ranks
         for name in ("precision", "recall", "f1"):
-            self.log(f"{prefix}_{name}", scores[name], prog_bar=name == "f1", sync_dist=False)
+            self.log(f"{prefix}_{name}", scores[name], prog_bar=name == "f1", sync_dist=True)  # equal on all ranks
 
     def on_validation_epoch_end(self) -> None:
         self._log_scores(self.val_f1, "val")
