@@ -20,15 +20,18 @@ DATA = "data_parallel"
 TENSOR = "tensor_parallel"
 
 
-def build_device_mesh(shape: MeshShape, device: torch.device) -> DeviceMesh:
+def build_device_mesh(shape: MeshShape, device: torch.device) -> tuple[DeviceMesh, DeviceMesh]:
+    """The root mesh, and its flattened data-parallel view (the group of samplers and losses).
+
+    torch keeps ``root["data_parallel"]`` working for user code but asks libraries to hold on to the
+    flattened mesh themselves, so it is returned too.
+    """
     mesh = init_device_mesh(
         device.type,
         (shape.pipeline, shape.data_replicate, shape.data_shard, shape.tensor),
         mesh_dim_names=(PIPELINE, DATA_REPLICATE, DATA_SHARD, TENSOR),
     )
-    # A flattened view over both data dimensions: the data-parallel group of samplers and losses.
-    mesh[(DATA_REPLICATE, DATA_SHARD)]._flatten(DATA)
-    return mesh
+    return mesh, mesh[(DATA_REPLICATE, DATA_SHARD)]._flatten(DATA)
 
 
 def fsdp_mesh(mesh: DeviceMesh) -> DeviceMesh:

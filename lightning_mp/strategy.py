@@ -38,7 +38,7 @@ from torch.optim import Optimizer
 from lightning_mp import checkpoint as ckpt
 from lightning_mp.config import MeshShape, ParallelConfig, check_divisible, check_pipeline
 from lightning_mp.loss_weighting import TokenWeighting
-from lightning_mp.mesh import DATA, TENSOR, build_device_mesh, fsdp_mesh
+from lightning_mp.mesh import TENSOR, build_device_mesh, fsdp_mesh
 from lightning_mp.parallel.fsdp import (
     apply_activation_checkpointing,
     apply_fsdp,
@@ -118,6 +118,7 @@ class ModelParallelStrategy(ParallelStrategy):
         self._timeout = timeout
         self._mesh_shape: Optional[MeshShape] = None
         self._device_mesh: Optional[DeviceMesh] = None
+        self._data_mesh: Optional[DeviceMesh] = None
         self.num_nodes = 1
 
     # ---------------------------------------------------------------- layout and processes
@@ -148,7 +149,7 @@ class ModelParallelStrategy(ParallelStrategy):
 
     @property
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
-        data_mesh = self.device_mesh[DATA]
+        data_mesh = self._data_mesh
         return {"num_replicas": data_mesh.size(), "rank": data_mesh.get_local_rank()}
 
     @property
@@ -201,7 +202,7 @@ class ModelParallelStrategy(ParallelStrategy):
         if self.root_device.type != "cpu":
             kwargs["device_id"] = self.root_device
         _init_dist_connection(self.cluster_environment, self._process_group_backend, **kwargs)
-        self._device_mesh = build_device_mesh(self.mesh_shape, self.root_device)
+        self._device_mesh, self._data_mesh = build_device_mesh(self.mesh_shape, self.root_device)
         assert self.lightning_module is not None
         self.lightning_module._device_mesh = self._device_mesh  # LightningModule.device_mesh
 
@@ -277,7 +278,7 @@ class ModelParallelStrategy(ParallelStrategy):
         # would count every sample once per tensor rank.
         from torchmetrics import Metric
 
-        group = self.device_mesh[DATA].get_group()
+        group = self._data_mesh.get_group()
         for module in self.model.modules():
             if isinstance(module, Metric):
                 module.process_group = group
@@ -312,7 +313,7 @@ class ModelParallelStrategy(ParallelStrategy):
 
     def _weighted_step(self, step: Any, *args: Any, **kwargs: Any) -> Any:
         batch = args[0] if args else kwargs.get("batch")
-        data_mesh = self.device_mesh[DATA]
+        data_mesh = self._data_mesh
         self._token_weighting.observe(batch, data_mesh.get_group(), data_mesh.size())
         with self._token_weighting.reducing_logged_values():
             return step(*args, **kwargs)

@@ -16,6 +16,7 @@ LAYOUTS = {
     "dp2xtp2": (4, {"data_parallel_size": 2, "tensor_parallel_size": 2}),
     "hybrid2x2": (4, {"data_parallel_size": 4, "data_parallel_mode": "hybrid", "data_parallel_replicate_size": 2}),
     "replicated2": (2, {"data_parallel_size": 2, "data_parallel_mode": "replicated"}),
+    "dp2_activation_checkpointing": (2, {"data_parallel_size": 2, "activation_checkpointing": True}),
 }
 
 
@@ -26,6 +27,8 @@ def test_layout_matches_single_process(name, tmp_path, reference_runs):
     result = run_worker(tmp_path, devices=devices, layout=layout)
     assert result["losses"] == pytest.approx(reference["losses"], abs=FP32_TOLERANCE)
     assert max_weight_difference(result["state_dict"], reference["state_dict"]) < FP32_TOLERANCE
+    expected = ["model.bert.encoder.layer.0", "model.bert.encoder.layer.1"] if "activation" in name else []
+    assert result["checkpointed"] == expected
 
 
 def test_bf16_mixed_tensor_parallel_is_close(tmp_path, reference_runs):

@@ -78,7 +78,10 @@ def main() -> None:
         from lightning_mp.checkpoint import model_state
         from lightning_mp.memory import local_state_bytes
 
+        from torch.distributed._composable.contract import _get_registry
+
         result["state_dict"] = model_state(module, full=True)
+        result["checkpointed"] = [n for n, m in module.named_modules() if "checkpoint" in (_get_registry(m) or {})]
         result["local_bytes"] = local_state_bytes(module, trainer.optimizers[0])
         gathered = [None] * trainer.world_size
         torch.distributed.all_gather_object(gathered, result["local_bytes"])

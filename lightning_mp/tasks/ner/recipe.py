@@ -18,14 +18,19 @@ from lightning_mp.tasks.ner.data import NERDataModule, minilm_path
 from lightning_mp.tasks.ner.module import TokenClassifier
 
 
-def parallel_config(cfg: DictConfig) -> ParallelConfig:
+def parallel_kwargs(cfg: DictConfig) -> dict[str, Any]:
+    """The short recipe names (parallel.tensor=2) mapped to the strategy's argument names."""
     p = cfg.parallel
-    return ParallelConfig(
+    return dict(
         data_parallel_size=p.data, tensor_parallel_size=p.tensor, pipeline_parallel_size=p.pipeline,
         data_parallel_mode=p.mode, data_parallel_replicate_size=p.replicate,
         activation_checkpointing=p.activation_checkpointing, pipeline_schedule=p.schedule,
         microbatches=p.microbatches,
     )
+
+
+def parallel_config(cfg: DictConfig) -> ParallelConfig:
+    return ParallelConfig(**parallel_kwargs(cfg))
 
 
 def _local_or_hub(name: str, original_cwd: Path) -> str:
@@ -63,13 +68,8 @@ def check_config(cfg: DictConfig) -> None:
 
 
 def build_strategy(cfg: DictConfig) -> ModelParallelStrategy:
-    p = cfg.parallel
-    return ModelParallelStrategy(
-        data_parallel_size=p.data, tensor_parallel_size=p.tensor, pipeline_parallel_size=p.pipeline,
-        data_parallel_mode=p.mode, data_parallel_replicate_size=p.replicate,
-        activation_checkpointing=p.activation_checkpointing, pipeline_schedule=p.schedule,
-        microbatches=p.microbatches, save_distributed_checkpoint=cfg.trainer.save_distributed_checkpoint,
-    )
+    return ModelParallelStrategy(**parallel_kwargs(cfg),
+                                 save_distributed_checkpoint=cfg.trainer.save_distributed_checkpoint)
 
 
 def run_ner(cfg: DictConfig, original_cwd: Path, run_dir: Path) -> float:
