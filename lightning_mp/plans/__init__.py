@@ -8,13 +8,44 @@ module; the first hit wins, and every FQN in the plan is relative to that module
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Union
+from typing import Any, Callable, Optional, Union
 
-from torch import nn
+from torch import Tensor, nn
 from torch.distributed.tensor.parallel import ParallelStyle
 
 # A style is a torch ParallelStyle or one of the short names of ``parallel.tensor.STYLE_NAMES``.
 Style = Union[str, ParallelStyle]
+
+
+@dataclass
+class PipelinePlan:
+    """How one model runs when its blocks are split into pipeline stages (``parallel.pipeline``).
+
+    Every stage is a pruned copy of the whole model: it keeps its own blocks (under their original
+    indices), the first stage also keeps ``first`` and the last stage ``last``. Since a pruned model
+    can no longer run its own ``forward``, the stage runs ``embed`` → ``block`` per owned block →
+    ``head`` instead, skipping what it does not own.
+
+    Attributes:
+        first: module paths (relative to the model) owned by the first stage only, e.g. embeddings.
+        last: module paths owned by the last stage only, e.g. the pooler and the task head.
+        input_name: the model input the first stage receives positionally (``input_ids``). Every other
+            tensor input reaches every stage as a keyword argument, split into microbatches alike.
+        embed: ``(model, first_input, inputs) -> hidden``; first stage, before its blocks.
+        block_context: ``(model, hidden, inputs) -> dict``; computed once per stage and microbatch, its
+            entries reach every ``block`` call (e.g. the extended attention mask). Optional.
+        block: ``(block, hidden, context) -> hidden``; one block.
+        head: ``(model, hidden, inputs) -> output``; last stage, after its blocks. The output is what
+            the loss function and ``eval_step`` see (e.g. logits).
+    """
+
+    first: tuple[str, ...]
+    last: tuple[str, ...]
+    embed: Callable[[nn.Module, Tensor, dict[str, Any]], Tensor]
+    block: Callable[[nn.Module, Tensor, dict[str, Any]], Tensor]
+    head: Callable[[nn.Module, Tensor, dict[str, Any]], Any]
+    block_context: Optional[Callable[[nn.Module, Tensor, dict[str, Any]], dict[str, Any]]] = None
+    input_name: str = "input_ids"
 
 
 @dataclass
@@ -25,16 +56,19 @@ class ModelPlan:
         tensor_parallel: module-path glob -> style, in the spirit of Hugging Face's ``tp_plan``. Globs
             match one path component per ``*``: ``"encoder.layer.*.attention.self.query"``.
         blocks: dotted path of the ``nn.ModuleList`` holding the repeated blocks. Each block is an FSDP
-            unit and an activation-checkpointing unit (and, later, a pipeline split point).
+            unit, an activation-checkpointing unit and the unit pipeline stages are cut at.
         divisible_sizes: sizes tensor parallelism splits evenly (e.g. attention heads, FFN width); checked
             against ``tensor_parallel_size`` before anything is sharded.
         name: a human name for error messages.
+        pipeline: how to run the model split into pipeline stages; None when the model cannot be
+            pipelined (no ``blocks``, tied weights across first and last stage, ...).
     """
 
     tensor_parallel: dict[str, Style] = field(default_factory=dict)
     blocks: str | None = None
     divisible_sizes: dict[str, int] = field(default_factory=dict)
     name: str = "custom model"
+    pipeline: Optional[PipelinePlan] = None
 
 
 PlanFactory = Callable[[nn.Module], ModelPlan]

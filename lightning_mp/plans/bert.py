@@ -8,15 +8,20 @@ so local shards need no change to the model code.
 Embeddings and task heads stay replicated across tensor ranks: the word embedding is often tied to
 the MLM decoder, and BERT's vocabulary (30,522) does not split evenly for most degrees. FSDP still
 shards them across data-parallel ranks.
+
+Pipeline stages run the pieces of ``BertModel.forward`` / ``BertFor*.forward`` one by one: embeddings
+on the first stage, ``BertLayer`` calls, then the head on the last stage. The extended attention mask
+is rebuilt on every stage from the ``attention_mask`` input, which every stage receives.
 """
 
 from __future__ import annotations
 
 import sys
+from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
-from lightning_mp.plans import ModelPlan
+from lightning_mp.plans import ModelPlan, PipelinePlan
 
 _LAYER_STYLES = {
     "attention.self.query": "colwise",
@@ -53,4 +58,67 @@ def bert_plan(model: nn.Module) -> ModelPlan:
             "intermediate_size": config.intermediate_size,
         },
         name=type(model).__name__,
+        pipeline=bert_pipeline_plan(model),
     )
+
+
+# ---------------------------------------------------------------- pipeline pieces
+def _bert_embed(model: nn.Module, input_ids: Tensor, inputs: dict[str, Any]) -> Tensor:
+    return model.base_model.embeddings(
+        input_ids=input_ids, token_type_ids=inputs.get("token_type_ids"), position_ids=inputs.get("position_ids")
+    )
+
+
+def _bert_block_context(model: nn.Module, hidden: Tensor, inputs: dict[str, Any]) -> dict[str, Any]:
+    # What BertModel._create_attention_masks does for an encoder: None when nothing is masked (SDPA
+    # then skips the mask), else the additive 4-D mask in the dtype of the hidden states.
+    from transformers.masking_utils import create_bidirectional_mask
+
+    mask = create_bidirectional_mask(
+        config=model.config, inputs_embeds=hidden, attention_mask=inputs.get("attention_mask")
+    )
+    return {"attention_mask": mask}
+
+
+def _bert_block(layer: nn.Module, hidden: Tensor, context: dict[str, Any]) -> Tensor:
+    return layer(hidden, context["attention_mask"])
+
+
+def _token_classification_head(model: nn.Module, hidden: Tensor, inputs: dict[str, Any]) -> Tensor:
+    return model.classifier(model.dropout(hidden))
+
+
+def _sequence_classification_head(model: nn.Module, hidden: Tensor, inputs: dict[str, Any]) -> Tensor:
+    return model.classifier(model.dropout(model.bert.pooler(hidden)))
+
+
+def _base_model_head(model: nn.Module, hidden: Tensor, inputs: dict[str, Any]) -> Any:
+    # (last_hidden_state, pooler_output) as in BertModel's output; only the former without a pooler.
+    return hidden if model.pooler is None else (hidden, model.pooler(hidden))
+
+
+def bert_pipeline_plan(model: nn.Module) -> PipelinePlan | None:
+    """The pipeline pieces for BertModel, BertForTokenClassification and BertForSequenceClassification.
+
+    Other heads get None (no pipeline support): the MLM / pre-training heads tie the decoder to the
+    word embedding, which would put one parameter on the first and the last stage; decoders need a
+    causal mask and a cache.
+    """
+    from transformers import BertForSequenceClassification, BertForTokenClassification, BertModel
+
+    config = model.config
+    if config.is_decoder or config.add_cross_attention:
+        return None
+    common = dict(embed=_bert_embed, block=_bert_block, block_context=_bert_block_context, input_name="input_ids")
+    if isinstance(model, BertModel):
+        last = ("pooler",) if model.pooler is not None else ()
+        return PipelinePlan(first=("embeddings",), last=last, head=_base_model_head, **common)
+    if isinstance(model, BertForTokenClassification):
+        last = ("classifier",) + (("bert.pooler",) if model.bert.pooler is not None else ())
+        return PipelinePlan(first=("bert.embeddings",), last=last, head=_token_classification_head, **common)
+    if isinstance(model, BertForSequenceClassification):
+        return PipelinePlan(
+            first=("bert.embeddings",), last=("bert.pooler", "classifier"), head=_sequence_classification_head,
+            **common,
+        )
+    return None

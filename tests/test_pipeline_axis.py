@@ -1,0 +1,286 @@
+"""The pipeline axis at the torch level (no Trainer): splitting, balancing, and parity of every schedule
+with a single process on the same batches (losses, gradient norms, weights after 3 AdamW steps).
+
+Multi-process tests run ``tests/workers/pipeline_axis.py`` under torch.distributed.run, CPU ranks over
+gloo; each launch runs several schedules one after another to keep process start-ups few.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import WORKERS, clean_env
+
+sys.path.insert(0, str(WORKERS))
+from tiny_bert import LABELS, VOCAB, tiny_config  # noqa: E402
+from transformers import (  # noqa: E402
+    BertForMaskedLM,
+    BertForSequenceClassification,
+    BertForTokenClassification,
+    BertModel,
+)
+
+from lightning_mp.parallel.pipeline import (  # noqa: E402
+    TokenCrossEntropy,
+    balance_split,
+    block_ranges,
+    build_pipeline,
+    build_stage_module,
+    check_split_points,
+    estimate_costs,
+    last_stage_rank,
+    plan_split,
+    stage_blocks,
+    stage_indices,
+)
+from lightning_mp.plans import find_plan  # noqa: E402
+
+FP32_TOLERANCE = 1e-5
+SCHEDULES = ["gpipe", "1f1b", "interleaved_1f1b", "interleaved_zero_bubble", "zbv_zero_bubble"]
+PINNED = "1f1b:0,3"  # pp=2: stage 0 = blocks 0-2, stage 1 = block 3 (the balancer would pick [0, 2])
+
+
+def launch(tmp_path: Path, nproc: int, jobs: list[str], microbatches: int, timeout: int = 240) -> dict:
+    out = tmp_path / f"pipeline-{nproc}.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           str(WORKERS / "pipeline_axis.py"), "--out", str(out), "--microbatches", str(microbatches)]
+    for job in jobs:
+        cmd += ["--job", job]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=clean_env(), cwd=tmp_path)
+    if proc.returncode != 0 or not out.exists():
+        raise AssertionError(
+            f"worker failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        )
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def pp2(tmp_path_factory):
+    return launch(tmp_path_factory.mktemp("pp2"), 2, [*SCHEDULES, PINNED], microbatches=4)
+
+
+@pytest.fixture(scope="module")
+def pp4(tmp_path_factory):
+    return launch(tmp_path_factory.mktemp("pp4"), 4, ["1f1b"], microbatches=8)
+
+
+def assert_parity(result: dict) -> None:
+    assert result["losses"] == pytest.approx(result["ref_losses"], abs=FP32_TOLERANCE)
+    assert result["max_weight_diff"] < FP32_TOLERANCE
+    assert result["max_grad_norm_diff"] < FP32_TOLERANCE  # total_grad_norm summed over the pipeline group
+    assert result["eval_logits_diff"] < FP32_TOLERANCE  # forward only, on another sequence length
+    assert result["eval_output_only_on_last"]
+    assert result["eval_loss_diff"] < FP32_TOLERANCE
+    assert result["train_after_eval_loss_diff"] < FP32_TOLERANCE
+    assert result["fqn_subset"] and result["fqn_union"] and result["fqn_disjoint"]
+
+
+# ---------------------------------------------------------------- multi-process parity
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_pp2_schedule_matches_single_process(schedule, pp2):
+    assert_parity(pp2[schedule])
+
+
+@pytest.mark.slow
+def test_stage_placement_per_schedule(pp2):
+    assert pp2["gpipe"]["stages_per_rank"] == [[0], [1]]
+    assert pp2["1f1b"]["split_points"] == [0, 2]
+    assert pp2["interleaved_1f1b"]["stages_per_rank"] == [[0, 2], [1, 3]]
+    assert pp2["interleaved_zero_bubble"]["stages_per_rank"] == [[0, 2], [1, 3]]
+    assert pp2["zbv_zero_bubble"]["stages_per_rank"] == [[0, 3], [1, 2]]  # "V": first and last on rank 0
+    assert pp2["zbv_zero_bubble"]["split_points"] == [0, 1, 2, 3]
+    # Parameter names on a stage are those of the unsplit model (block index kept).
+    assert pp2["1f1b"]["sample_stage_fqn"].startswith("bert.encoder.layer.2.")
+
+
+@pytest.mark.slow
+def test_pinned_split_matches_single_process(pp2):
+    assert pp2[PINNED]["split_points"] == [0, 3]
+    assert_parity(pp2[PINNED])
+
+
+@pytest.mark.slow
+def test_pp4_1f1b_matches_single_process(pp4):
+    assert pp4["1f1b"]["stages_per_rank"] == [[0], [1], [2], [3]]
+    assert_parity(pp4["1f1b"])
+
+
+@pytest.mark.slow
+def test_data_makes_token_weighting_matter(pp2, pp4):
+    """Guards the test data: microbatches hold different numbers of labelled tokens, so a mean of
+    microbatch means (what torch's default scale_grads=True computes) differs from the batch loss."""
+    for result in (pp2, pp4):
+        assert len(set(result["guards"]["counts"])) > 1
+        assert result["guards"]["mean_of_means_gap"] > 1e-4
+
+
+# ---------------------------------------------------------------- balancing and validation (no processes)
+def test_balance_equal_blocks():
+    assert balance_split([1.0] * 4, 2) == [0, 2]
+    assert balance_split([1.0] * 4, 4) == [0, 1, 2, 3]
+    assert balance_split([1.0] * 12, 3) == [0, 4, 8]
+    assert balance_split([5.0], 1) == [0]
+
+
+def test_balance_counts_first_and_last_extra():
+    # Embeddings worth 3 blocks on stage 0: stage costs 3+1, 4, 4 is the only split with max 4.
+    assert balance_split([1.0] * 9, 3, first=3.0) == [0, 1, 5]
+    # A head worth 4 blocks moves blocks off the last stage: 5 | 1+4.
+    assert balance_split([1.0] * 6, 2, last=4.0) == [0, 5]
+    # Uneven blocks: the one expensive block gets a stage of its own.
+    assert balance_split([1.0, 1.0, 10.0, 1.0, 1.0], 3) == [0, 2, 3]
+
+
+def test_balance_is_optimal_by_brute_force():
+    import itertools
+
+    costs = [3.0, 1.0, 4.0, 1.0, 5.0, 9.0, 2.0, 6.0]
+    for stages in (2, 3, 4):
+        points = balance_split(costs, stages, first=2.0, last=1.0)
+
+        def worst(ps):
+            ranges = block_ranges(list(ps), len(costs))
+            return max(sum(costs[i] for i in r) + (2.0 if s == 0 else 0.0) + (1.0 if s == stages - 1 else 0.0)
+                       for s, r in enumerate(ranges))
+
+        best = min(worst((0, *c)) for c in itertools.combinations(range(1, len(costs)), stages - 1))
+        assert worst(points) == best
+
+
+def test_more_stages_than_blocks_is_an_error_with_numbers():
+    with pytest.raises(ValueError, match="cannot split 4 blocks into 5 pipeline stages"):
+        balance_split([1.0] * 4, 5)
+    model = BertForTokenClassification(tiny_config(layers=4))
+    _, hf, plan = find_plan(model)
+    with pytest.raises(ValueError, match="cannot split 4 blocks into 6"):
+        plan_split(hf, plan, 6)
+    with pytest.raises(ValueError, match="cannot split 4 blocks into 5"):
+        plan_split(hf, plan, 5, split_points=[0, 1, 2, 3, 4])
+
+
+class _StubMesh:
+    """Enough of a 1-D DeviceMesh for build_pipeline to reach its checks (which come before any
+    process group is used)."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+
+    def size(self) -> int:
+        return self._size
+
+    def get_local_rank(self) -> int:
+        return 0
+
+
+def test_build_pipeline_rejects_more_stages_than_blocks():
+    model = BertForTokenClassification(tiny_config(layers=4))
+    _, hf, plan = find_plan(model)
+    with pytest.raises(ValueError, match=r"over 4 ranks with schedule 'interleaved_1f1b' needs 8 stages \(2 per rank\)"
+                                         r".* has only 4 blocks"):
+        build_pipeline(hf, plan, _StubMesh(4), "interleaved_1f1b", 8, "cpu")
+    with pytest.raises(ValueError, match="needs 5 stages .* only 4 blocks"):
+        build_pipeline(hf, plan, _StubMesh(5), "1f1b", 8, "cpu")
+    with pytest.raises(ValueError, match="schedule 'bogus' is unknown"):
+        build_pipeline(hf, plan, _StubMesh(2), "bogus", 8, "cpu")
+
+
+def test_pinned_split_validation():
+    assert check_split_points([0, 3], 2, 4) == [0, 3]
+    with pytest.raises(ValueError, match=r"has 3 entries, but the pipeline has 2 stages"):
+        check_split_points([0, 1, 2], 2, 4)
+    with pytest.raises(ValueError, match="must start at 0"):
+        check_split_points([1, 3], 2, 4)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        check_split_points([0, 2, 2], 3, 4)
+    with pytest.raises(ValueError, match=r"below the number of blocks \(4\)"):
+        check_split_points([0, 4], 2, 4)
+
+
+def test_costs_count_parameters_and_activations():
+    model = BertForTokenClassification(tiny_config(layers=4))
+    _, hf, plan = find_plan(model)
+    costs = estimate_costs(hf, plan)
+    layer = hf.bert.encoder.layer[0]
+    assert costs.blocks == [float(sum(p.numel() for p in layer.parameters()))] * 4
+    assert costs.first == sum(p.numel() for p in hf.bert.embeddings.parameters())
+    assert costs.last == sum(p.numel() for p in hf.classifier.parameters())
+    with_activations = estimate_costs(hf, plan, tokens_per_microbatch=24)
+    assert all(a > b for a, b in zip(with_activations.blocks, costs.blocks))
+
+
+def test_stage_indices_and_last_rank():
+    assert [stage_indices(r, 4, "1f1b") for r in range(4)] == [[0], [1], [2], [3]]
+    assert [stage_indices(r, 2, "interleaved_1f1b") for r in range(2)] == [[0, 2], [1, 3]]
+    assert [stage_indices(r, 4, "zbv_zero_bubble") for r in range(4)] == [[0, 7], [1, 6], [2, 5], [3, 4]]
+    assert last_stage_rank(4, "gpipe") == 3
+    assert last_stage_rank(4, "interleaved_zero_bubble") == 3
+    assert last_stage_rank(4, "zbv_zero_bubble") == 0
+
+
+# ---------------------------------------------------------------- splitting (no processes)
+@pytest.mark.parametrize("cls", [BertForTokenClassification, BertForSequenceClassification, BertModel])
+def test_chained_stages_equal_the_hf_forward(cls):
+    """Stage modules run one after another (what the schedules do, minus communication) give the
+    model's own output, with padding in the attention mask."""
+    torch.manual_seed(0)
+    model = cls(tiny_config(layers=4)).eval()
+    _, hf, plan = find_plan(model)
+    ids = torch.randint(1, VOCAB, (3, 10))
+    mask = torch.ones(3, 10, dtype=torch.long)
+    mask[1, 6:] = 0
+    ranges = block_ranges([0, 1, 3], 4)
+    stages = [build_stage_module(hf, plan, i, 3, ranges[i]) for i in range(3)]
+    with torch.no_grad():
+        x = ids
+        for stage in stages:
+            x = stage(x, attention_mask=mask)
+        expected = model(input_ids=ids, attention_mask=mask)
+    if cls is BertModel:
+        torch.testing.assert_close(x[0], expected.last_hidden_state, rtol=0, atol=1e-6)
+        torch.testing.assert_close(x[1], expected.pooler_output, rtol=0, atol=1e-6)
+    else:
+        torch.testing.assert_close(x, expected.logits, rtol=0, atol=1e-6)
+
+    names = {n for n, _ in model.named_parameters()}
+    stage_names = [{n for n, _ in s.named_parameters()} for s in stages]
+    assert all(s <= names for s in stage_names)
+    assert set().union(*stage_names) == names
+    assert sum(map(len, stage_names)) == len(names)  # disjoint
+    assert all(type(s) is cls for s in stages)  # the class (and isinstance checks) stay
+    assert [len(stage_blocks(s, plan)) for s in stages] == [1, 2, 1]
+    prefix = "bert." if cls is not BertModel else ""
+    assert f"{prefix}encoder.layer.2.output.dense.weight" in stage_names[1]
+    assert not any(n.startswith(f"{prefix}embeddings.") for n in stage_names[1] | stage_names[2])
+    # The original model is intact.
+    assert len(hf.get_submodule(plan.blocks)) == 4 and isinstance(hf.get_submodule(plan.blocks), torch.nn.ModuleList)
+
+
+def test_token_loss_sums_to_the_batch_mean_over_uneven_microbatches():
+    torch.manual_seed(0)
+    logits = torch.randn(8, 6, LABELS)
+    labels = torch.randint(0, LABELS, (8, 6))
+    labels[:3, 2:] = -100  # the first microbatches hold far fewer labelled tokens
+    loss = TokenCrossEntropy()
+    normalizer = loss.count(labels).float()
+    parts = [loss(lg, lb, normalizer) for lg, lb in zip(logits.chunk(4), labels.chunk(4))]
+    expected = torch.nn.functional.cross_entropy(logits.reshape(-1, LABELS), labels.reshape(-1))
+    torch.testing.assert_close(torch.stack(parts).sum(), expected)
+    mean_of_means = torch.stack([
+        torch.nn.functional.cross_entropy(lg.reshape(-1, LABELS), lb.reshape(-1))
+        for lg, lb in zip(logits.chunk(4), labels.chunk(4))
+    ]).mean()
+    assert abs(mean_of_means - expected) > 1e-3
+
+
+def test_models_without_a_pipeline_plan_are_rejected():
+    model = BertForMaskedLM(tiny_config(layers=4))  # decoder tied to the word embedding
+    _, hf, plan = find_plan(model)
+    assert plan.pipeline is None
+    with pytest.raises(ValueError, match="describes no pipeline split"):
+        build_pipeline(hf, plan, _StubMesh(2), "1f1b", 4, "cpu")
