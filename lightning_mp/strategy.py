@@ -10,7 +10,7 @@ import types
 from contextlib import contextmanager, nullcontext
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Generator, Literal, Mapping, Optional, Union
+from typing import Any, Generator, Literal, Mapping, Optional, Sequence, Union
 
 import lightning.pytorch as pl
 import torch
@@ -36,18 +36,14 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.optim import Optimizer
 
 from lightning_mp import checkpoint as ckpt
-from lightning_mp.config import MeshShape, ParallelConfig, check_divisible, check_pipeline
+from lightning_mp.config import MeshShape, ParallelConfig
 from lightning_mp.loss_weighting import TokenWeighting
-from lightning_mp.mesh import TENSOR, build_device_mesh, fsdp_mesh
-from lightning_mp.parallel.fsdp import (
-    apply_activation_checkpointing,
-    apply_fsdp,
-    is_parallelized,
-    mixed_precision_policy,
-)
+from lightning_mp.mesh import PIPELINE, build_device_mesh
+from lightning_mp.parallel.fsdp import is_parallelized
 from lightning_mp.parallel.grad_norm import clip_grad_norm_
-from lightning_mp.parallel.tensor import apply_tensor_parallel
-from lightning_mp.plans import ModelPlan, Style, find_plan
+from lightning_mp.parallelize import PlannedModel, parallelize, resolve_plan
+from lightning_mp.pipeline_loop import PipelineLoop
+from lightning_mp.plans import ModelPlan, Style
 
 SUPPORTED_PRECISION = ("32-true", "bf16-mixed", "bf16-true", "16-mixed", "16-true")
 
@@ -59,7 +55,12 @@ class ModelParallelStrategy(ParallelStrategy):
         data_parallel_size: ranks that see different data. ``"auto"``: whatever the other degrees leave.
         tensor_parallel_size: ranks that split each layer. ``"auto"``: all devices of a node (Lightning's
             meaning); default 1.
-        pipeline_parallel_size: ranks that split the block list into stages.
+        pipeline_parallel_size: ranks that split the block list into stages (torch.distributed.pipelining).
+        pipeline_schedule: ``"gpipe"``, ``"1f1b"``, ``"interleaved_1f1b"``, ``"interleaved_zero_bubble"`` or
+            ``"zbv_zero_bubble"`` (the last three hold two stages per rank).
+        microbatches: microbatches per local batch under pipeline parallelism (default: one per pipeline rank).
+        pipeline_split_points: pin the split: the first block index of every stage, e.g. ``[0, 3]``; default:
+            balanced by parameter count, counting embeddings on the first stage and the head on the last.
         data_parallel_mode: ``"fully_sharded"`` (FSDP2), ``"hybrid"`` (replicate × shard, see
             ``data_parallel_replicate_size``) or ``"replicated"`` (DDP-like).
         activation_checkpointing: recompute each block in backward instead of storing its activations.
@@ -82,6 +83,7 @@ class ModelParallelStrategy(ParallelStrategy):
         activation_checkpointing: bool = False,
         pipeline_schedule: str = "1f1b",
         microbatches: Optional[int] = None,
+        pipeline_split_points: Optional[Sequence[int]] = None,
         plan: Union[ModelPlan, dict[str, Style], None] = None,
         token_weighted_loss: bool = True,
         labels_key: str = "labels",
@@ -102,11 +104,7 @@ class ModelParallelStrategy(ParallelStrategy):
             pipeline_schedule=pipeline_schedule,
             microbatches=microbatches,
         )
-        if pipeline_parallel_size > 1:
-            raise NotImplementedError(
-                f"pipeline_parallel_size={pipeline_parallel_size}: pipeline execution is not available in this"
-                " release yet; use data and tensor parallelism."
-            )
+        self._split_points = list(pipeline_split_points) if pipeline_split_points is not None else None
         if isinstance(plan, dict):
             plan = ModelPlan(tensor_parallel=plan, name="user plan")
         if plan is not None and not isinstance(plan, ModelPlan):
@@ -119,6 +117,7 @@ class ModelParallelStrategy(ParallelStrategy):
         self._mesh_shape: Optional[MeshShape] = None
         self._device_mesh: Optional[DeviceMesh] = None
         self._data_mesh: Optional[DeviceMesh] = None
+        self._pipeline: Optional[PipelineLoop] = None
         self.num_nodes = 1
 
     # ---------------------------------------------------------------- layout and processes
@@ -180,6 +179,11 @@ class ModelParallelStrategy(ParallelStrategy):
                 f"{type(self).__name__} does not support precision={precision!r}; choose one of"
                 f" {', '.join(SUPPORTED_PRECISION)}."
             )
+        if precision == "16-mixed" and self.parallel_config.pipeline_parallel_size > 1:
+            raise ValueError(
+                "precision='16-mixed' scales the loss with a GradScaler around Lightning's backward, which the"
+                " pipeline schedule replaces; with pipeline_parallel_size > 1 use 'bf16-mixed', 'bf16-true' or '32-true'."
+            )
 
     def connect(self, model: pl.LightningModule) -> None:
         super().connect(model)
@@ -213,42 +217,21 @@ class ModelParallelStrategy(ParallelStrategy):
         rank_zero_only.rank = utils_rank_zero_only.rank = self.global_rank
 
     # ---------------------------------------------------------------- parallelizing the model
-    def _resolve_plan(self, module: pl.LightningModule) -> tuple[Any, ModelPlan] | None:
-        """Find (model, plan) and check it against the degrees; raise if TP is asked for without one."""
-        if self._user_plan is not None:
-            found: Any = ("", module, self._user_plan)
-        else:
-            found = find_plan(module)
-        shape = self.mesh_shape
-        if found is None:
-            if shape.tensor > 1:
-                raise ValueError(
-                    f"tensor_parallel_size={shape.tensor}, but no tensor-parallel plan is known for the models"
-                    f" inside {type(module).__name__}. Either pass `plan={{'path.to.linear': 'colwise', ...}}` to"
-                    " ModelParallelStrategy, register one with `lightning_mp.register_plan(ModelClass, factory)`,"
-                    " or parallelize the model yourself in `configure_model` using `self.device_mesh`."
-                )
-            return None
-        _, model, plan = found
-        check_divisible(shape.tensor, plan.divisible_sizes, plan.name)
-        if plan.blocks is not None:
-            check_pipeline(self.parallel_config, len(model.get_submodule(plan.blocks)))
-        if self.parallel_config.activation_checkpointing and plan.blocks is None:
-            raise ValueError(f"activation_checkpointing=True needs a plan that names the blocks of {plan.name}.")
-        return model, plan
+    def _resolve_plan(self, module: pl.LightningModule) -> Optional[PlannedModel]:
+        """Find the model and plan and check them against the degrees (raises before anything starts)."""
+        return resolve_plan(module, self._user_plan, self.mesh_shape, self.parallel_config, self._split_points)
 
     def _parallelize(self, module: pl.LightningModule) -> None:
-        resolved = self._resolve_plan(module)
-        model, plan = resolved if resolved is not None else (None, ModelPlan())
-        if model is not None:
-            apply_tensor_parallel(model, self.device_mesh[TENSOR], plan.tensor_parallel)
-        blocks = list(model.get_submodule(plan.blocks)) if model is not None and plan.blocks else []
-        if self.parallel_config.activation_checkpointing:
-            apply_activation_checkpointing(blocks)
-        if self.mesh_shape.data > 1:
-            # The LightningModule itself is never made an FSDP unit: that would change its class.
-            fsdp_root = None if model is module else model
-            apply_fsdp(module, fsdp_root, blocks, fsdp_mesh(self.device_mesh), mixed_precision_policy(self._precision))
+        runtime = parallelize(module, self._resolve_plan(module), self.device_mesh, self.mesh_shape.data,
+                              self.parallel_config, self._precision, self.root_device, self._split_points)
+        if runtime is not None:
+            tw = self._token_weighting
+            self._pipeline = PipelineLoop(runtime, tw.labels_key, tw.ignore_index, tw.enabled)
+
+    @property
+    def pipeline_group(self) -> Optional[Any]:
+        """The process group of this rank's pipeline peers, or None without pipeline parallelism."""
+        return self._pipeline.runtime.group if self._pipeline is not None else None
 
     @property
     def _precision(self) -> str:
@@ -257,7 +240,7 @@ class ModelParallelStrategy(ParallelStrategy):
     def setup(self, trainer: pl.Trainer) -> None:
         assert self.model is not None and self.accelerator is not None
         self.accelerator.setup(trainer)
-        if not is_parallelized(self.model):
+        if self._pipeline is None and not is_parallelized(self.model):  # a second fit/validate reuses the stages
             # "-true" precisions cast weights before sharding, so shards are created in the target dtype.
             self.model = self.precision_plugin.convert_module(self.model)
             self._parallelize(self.lightning_module)
@@ -286,8 +269,9 @@ class ModelParallelStrategy(ParallelStrategy):
     def _route_gradient_clipping(self) -> None:
         # Lightning clips inside the precision plugin with torch's clip_grad_norm_, which cannot combine
         # norms of gradients sharded over different meshes. Route it to the global-norm version.
+        # Pipeline stages hold disjoint parameters: their squared norms are summed over the pipeline group.
         def clip_grad_by_norm(plugin: Any, optimizer: Optimizer, clip_val: Union[int, float]) -> None:
-            clip_grad_norm_(list(plugin.main_params(optimizer)), clip_val)
+            clip_grad_norm_(list(plugin.main_params(optimizer)), clip_val, extra_group=self.pipeline_group)
 
         self.precision_plugin.clip_grad_by_norm = types.MethodType(clip_grad_by_norm, self.precision_plugin)
 
@@ -303,22 +287,57 @@ class ModelParallelStrategy(ParallelStrategy):
 
     # ---------------------------------------------------------------- steps, backward, reductions
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
-        return self._weighted_step(super().training_step, *args, **kwargs)
+        if self._pipeline is None:
+            return self._weighted_step(super().training_step, *args, **kwargs)
+        args, kwargs = self.precision_plugin.convert_input((args, kwargs))
+        batch, rest = _split_batch_argument(args, kwargs)
+        self._observe(batch)
+        # The schedule runs backward itself, so it applies what Lightning's backward would: the data-parallel
+        # token weight and the division by accumulate_grad_batches.
+        scale = self._token_weighting.loss_scale / self.lightning_module.trainer.accumulate_grad_batches
+        with self.precision_plugin.train_step_context(), self._token_weighting.reducing_logged_values():
+            return self._pipeline.training_step(self.lightning_module, batch, rest, scale)
 
     def validation_step(self, *args: Any, **kwargs: Any) -> Any:
-        return self._weighted_step(super().validation_step, *args, **kwargs)
+        if self._pipeline is None:
+            return self._weighted_step(super().validation_step, *args, **kwargs)
+        return self._pipeline_evaluation("validation_step", self.precision_plugin.val_step_context, args, kwargs)
 
     def test_step(self, *args: Any, **kwargs: Any) -> Any:
-        return self._weighted_step(super().test_step, *args, **kwargs)
+        if self._pipeline is None:
+            return self._weighted_step(super().test_step, *args, **kwargs)
+        return self._pipeline_evaluation("test_step", self.precision_plugin.test_step_context, args, kwargs)
 
-    def _weighted_step(self, step: Any, *args: Any, **kwargs: Any) -> Any:
-        batch = args[0] if args else kwargs.get("batch")
+    def predict_step(self, *args: Any, **kwargs: Any) -> Any:
+        if self._pipeline is None:
+            return super().predict_step(*args, **kwargs)
+        return self._pipeline_evaluation("predict_step", self.precision_plugin.predict_step_context, args, kwargs)
+
+    def _pipeline_evaluation(self, hook: str, context: Any, args: tuple, kwargs: dict) -> Any:
+        assert self._pipeline is not None
+        args, kwargs = self.precision_plugin.convert_input((args, kwargs))
+        batch, rest = _split_batch_argument(args, kwargs)
+        self._observe(batch)
+        with context(), self._token_weighting.reducing_logged_values():
+            return self._pipeline.evaluation_step(self.lightning_module, getattr(self.lightning_module, hook), batch,
+                                                  *rest)
+
+    def _observe(self, batch: Any) -> None:
         data_mesh = self._data_mesh
         self._token_weighting.observe(batch, data_mesh.get_group(), data_mesh.size())
+
+    def _weighted_step(self, step: Any, *args: Any, **kwargs: Any) -> Any:
+        self._observe(args[0] if args else kwargs.get("batch"))
         with self._token_weighting.reducing_logged_values():
             return step(*args, **kwargs)
 
     def backward(self, closure_loss: Tensor, optimizer: Optional[Optimizer], *args: Any, **kwargs: Any) -> Tensor:
+        if self._pipeline is not None:
+            # The schedule already ran backward for every microbatch; keep Lightning's hooks around it.
+            assert self.lightning_module is not None
+            closure_loss = self.precision_plugin.pre_backward(closure_loss, self.lightning_module)
+            self._pipeline.hand_over_gradients()
+            return self.precision_plugin.post_backward(closure_loss, self.lightning_module)
         if self._token_weighting.loss_scale != 1.0:
             closure_loss = closure_loss * self._token_weighting.loss_scale
         return super().backward(closure_loss, optimizer, *args, **kwargs)
@@ -354,13 +373,14 @@ class ModelParallelStrategy(ParallelStrategy):
     # ---------------------------------------------------------------- checkpoints
     def lightning_module_state_dict(self) -> dict[str, Any]:
         assert self.model is not None
-        return ckpt.model_state(self.model, full=not self._save_distributed_checkpoint)
+        return ckpt.model_state(self.model, full=not self._save_distributed_checkpoint, pipeline_group=self.pipeline_group)
 
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
         if isinstance(optimizer, LightningOptimizer):
             optimizer = optimizer._optimizer
         assert self.model is not None
-        return ckpt.optimizer_state(self.model, optimizer, full=not self._save_distributed_checkpoint)
+        return ckpt.optimizer_state(self.model, optimizer, full=not self._save_distributed_checkpoint,
+                                    pipeline_group=self.pipeline_group)
 
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
         pass  # already loaded into the sharded model by load_checkpoint
@@ -381,7 +401,16 @@ class ModelParallelStrategy(ParallelStrategy):
     def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
         path = Path(self.broadcast(str(checkpoint_path)))
         assert self.model is not None and self.lightning_module is not None
-        return ckpt.load_into(path, self.model, self.optimizers, self.lightning_module.strict_loading, weights_only)
+        return ckpt.load_into(path, self.model, self.optimizers, self.lightning_module.strict_loading, weights_only,
+                              pipelined=self._pipeline is not None)
+
+
+def _split_batch_argument(args: tuple, kwargs: dict) -> tuple[Any, tuple]:
+    """(batch, the step's other arguments in order) from Lightning's call of a step hook."""
+    if args:
+        return args[0], tuple(args[1:]) + tuple(kwargs.values())
+    kwargs = dict(kwargs)
+    return kwargs.pop("batch"), tuple(kwargs.values())
 
 
 class _CheckModelThenLaunch(_SubprocessScriptLauncher):

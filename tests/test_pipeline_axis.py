@@ -25,18 +25,15 @@ from transformers import (  # noqa: E402
     BertModel,
 )
 
-from lightning_mp.parallel.pipeline import (  # noqa: E402
-    TokenCrossEntropy,
+from lightning_mp.parallel.pipeline import TokenCrossEntropy, build_pipeline, last_stage_rank, stage_indices  # noqa: E402
+from lightning_mp.parallel.pipeline_split import (  # noqa: E402
     balance_split,
     block_ranges,
-    build_pipeline,
     build_stage_module,
     check_split_points,
     estimate_costs,
-    last_stage_rank,
     plan_split,
     stage_blocks,
-    stage_indices,
 )
 from lightning_mp.plans import find_plan  # noqa: E402
 

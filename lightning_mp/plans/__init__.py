@@ -37,6 +37,10 @@ class PipelinePlan:
         block: ``(block, hidden, context) -> hidden``; one block.
         head: ``(model, hidden, inputs) -> output``; last stage, after its blocks. The output is what
             the loss function and ``eval_step`` see (e.g. logits).
+        model_output: ``(model, head_output, call_kwargs) -> what model(**call_kwargs) returns`` (e.g. a
+            Hugging Face output whose ``.loss`` comes from ``labels``). Under the strategy, a
+            LightningModule's unchanged ``training_step`` / ``validation_step`` call the model, and the
+            model answers with the pipeline's output in this form. None: the head output itself.
     """
 
     first: tuple[str, ...]
@@ -46,6 +50,7 @@ class PipelinePlan:
     head: Callable[[nn.Module, Tensor, dict[str, Any]], Any]
     block_context: Optional[Callable[[nn.Module, Tensor, dict[str, Any]], dict[str, Any]]] = None
     input_name: str = "input_ids"
+    model_output: Optional[Callable[[nn.Module, Any, dict[str, Any]], Any]] = None
 
 
 @dataclass

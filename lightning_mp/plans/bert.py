@@ -19,6 +19,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from lightning_mp.plans import ModelPlan, PipelinePlan
@@ -97,6 +98,49 @@ def _base_model_head(model: nn.Module, hidden: Tensor, inputs: dict[str, Any]) -
     return hidden if model.pooler is None else (hidden, model.pooler(hidden))
 
 
+# What BertFor*.forward returns, rebuilt from the last stage's output (the loss exactly as HF computes it).
+def _token_classification_output(model: nn.Module, logits: Tensor, kwargs: dict[str, Any]) -> Any:
+    from transformers.modeling_outputs import TokenClassifierOutput
+
+    labels = kwargs.get("labels")
+    loss = None
+    if labels is not None:
+        loss = nn.functional.cross_entropy(logits.view(-1, model.num_labels), labels.view(-1).to(logits.device))
+    return TokenClassifierOutput(loss=loss, logits=logits)
+
+
+def _sequence_classification_output(model: nn.Module, logits: Tensor, kwargs: dict[str, Any]) -> Any:
+    from transformers.modeling_outputs import SequenceClassifierOutput
+
+    labels = kwargs.get("labels")
+    loss = None
+    if labels is not None:
+        labels = labels.to(logits.device)
+        problem = model.config.problem_type
+        if problem is None:  # HF's inference, without writing it back into the config
+            if model.num_labels == 1:
+                problem = "regression"
+            elif labels.dtype in (torch.long, torch.int):
+                problem = "single_label_classification"
+            else:
+                problem = "multi_label_classification"
+        if problem == "regression":
+            loss = nn.functional.mse_loss(logits.squeeze(), labels.squeeze()) if model.num_labels == 1 else \
+                nn.functional.mse_loss(logits, labels)
+        elif problem == "single_label_classification":
+            loss = nn.functional.cross_entropy(logits.view(-1, model.num_labels), labels.view(-1))
+        else:
+            loss = nn.functional.binary_cross_entropy_with_logits(logits, labels)
+    return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+def _base_model_output(model: nn.Module, output: Any, kwargs: dict[str, Any]) -> Any:
+    from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
+
+    hidden, pooled = output if isinstance(output, tuple) else (output, None)
+    return BaseModelOutputWithPoolingAndCrossAttentions(last_hidden_state=hidden, pooler_output=pooled)
+
+
 def bert_pipeline_plan(model: nn.Module) -> PipelinePlan | None:
     """The pipeline pieces for BertModel, BertForTokenClassification and BertForSequenceClassification.
 
@@ -112,13 +156,15 @@ def bert_pipeline_plan(model: nn.Module) -> PipelinePlan | None:
     common = dict(embed=_bert_embed, block=_bert_block, block_context=_bert_block_context, input_name="input_ids")
     if isinstance(model, BertModel):
         last = ("pooler",) if model.pooler is not None else ()
-        return PipelinePlan(first=("embeddings",), last=last, head=_base_model_head, **common)
+        return PipelinePlan(first=("embeddings",), last=last, head=_base_model_head,
+                            model_output=_base_model_output, **common)
     if isinstance(model, BertForTokenClassification):
         last = ("classifier",) + (("bert.pooler",) if model.bert.pooler is not None else ())
-        return PipelinePlan(first=("bert.embeddings",), last=last, head=_token_classification_head, **common)
+        return PipelinePlan(first=("bert.embeddings",), last=last, head=_token_classification_head,
+                            model_output=_token_classification_output, **common)
     if isinstance(model, BertForSequenceClassification):
         return PipelinePlan(
             first=("bert.embeddings",), last=("bert.pooler", "classifier"), head=_sequence_classification_head,
-            **common,
+            model_output=_sequence_classification_output, **common,
         )
     return None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import lightning as L
 import torch
+from torchmetrics.classification import MulticlassAccuracy
 from torch.utils.data import DataLoader, Dataset
 from transformers import BertConfig, BertForTokenClassification
 
@@ -48,6 +49,7 @@ class TinyBertModule(L.LightningModule):
         torch.manual_seed(1234)
         self.model = BertForTokenClassification(tiny_config(layers))
         self.lr = lr
+        self.val_accuracy = MulticlassAccuracy(num_classes=LABELS, average="micro", ignore_index=-100)
 
     def training_step(self, batch, batch_idx):
         loss = self.model(**batch).loss
@@ -55,7 +57,10 @@ class TinyBertModule(L.LightningModule):
         return loss
 
     def validation_step(self, batch, batch_idx):
-        self.log("val_loss", self.model(**batch).loss, sync_dist=True)
+        output = self.model(**batch)
+        self.log("val_loss", output.loss, sync_dist=True)
+        self.val_accuracy.update(output.logits.argmax(-1), batch["labels"])
+        self.log("val_accuracy", self.val_accuracy)
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=self.lr)

@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+from functools import partial
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,6 +43,8 @@ def main() -> None:
     parser.add_argument("--clip", type=float, default=None)
     parser.add_argument("--module", default="tiny", choices=["tiny", "dropin"])
     parser.add_argument("--all-labelled", action="store_true", help="every token labelled (equal counts per rank)")
+    parser.add_argument("--layers", type=int, default=2, help="encoder layers of the tiny BERT")
+    parser.add_argument("--validate", action="store_true", help="run a validation epoch after fitting")
     args = parser.parse_args()
 
     L.seed_everything(0, verbose=False)
@@ -58,11 +61,12 @@ def main() -> None:
         strategy = ModelParallelStrategy(**layout)
     if args.strategy != "none":
         world = args.devices * args.num_nodes
-        data_size = layout.get("data_parallel_size", world // layout.get("tensor_parallel_size", 1))
+        model_size = layout.get("tensor_parallel_size", 1) * layout.get("pipeline_parallel_size", 1)
+        data_size = layout.get("data_parallel_size", world // model_size)
     if args.module == "dropin":
         from dropin_module import DropInModule as Module
     else:
-        Module = TinyBertModule
+        Module = partial(TinyBertModule, layers=args.layers)
     recorder = RecordLoss()
     trainer = L.Trainer(
         accelerator="cpu", devices=args.devices, num_nodes=args.num_nodes, strategy=strategy,
@@ -74,13 +78,17 @@ def main() -> None:
     single = args.strategy == "none"
     trainer.fit(module, loader(args.batch_size // data_size, single_process=single, all_labelled=args.all_labelled))
     result = {"losses": recorder.losses}
+    if args.validate:
+        # In order (no sampler shuffling) in every layout; 22 rows: the last batch is not a multiple of the microbatches.
+        val_loader = loader(args.batch_size // data_size, size=22, all_labelled=args.all_labelled)
+        result["validation"] = {k: float(v) for k, v in trainer.validate(module, val_loader, verbose=False)[0].items()}
     if args.strategy == "lightning_mp":
         from lightning_mp.checkpoint import model_state
         from lightning_mp.memory import local_state_bytes
 
         from torch.distributed._composable.contract import _get_registry
 
-        result["state_dict"] = model_state(module, full=True)
+        result["state_dict"] = model_state(module, full=True, pipeline_group=trainer.strategy.pipeline_group)
         result["checkpointed"] = [n for n, m in module.named_modules() if "checkpoint" in (_get_registry(m) or {})]
         result["local_bytes"] = local_state_bytes(module, trainer.optimizers[0])
         gathered = [None] * trainer.world_size

@@ -1,0 +1,136 @@
+"""Apply a plan to the model inside a LightningModule, axis by axis, in torchtitan's order.
+
+Without a pipeline: tensor parallelism → activation checkpointing → FSDP (one unit per block, then the
+model, then whatever else in the LightningModule holds parameters). With a pipeline: the model is cut
+into this rank's stages first, the same three axes are applied to every stage module, and the
+LightningModule keeps this rank's *shell* in place of the model (its parameters under the original
+names), so ``configure_optimizers``, checkpoints and hooks see only what this rank owns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+
+from lightning_mp.config import MeshShape, ParallelConfig, check_divisible, check_pipeline
+from lightning_mp.mesh import PIPELINE, TENSOR, fsdp_mesh
+from lightning_mp.parallel.fsdp import apply_activation_checkpointing, apply_fsdp, mixed_precision_policy
+from lightning_mp.parallel.pipeline import PipelineRuntime, build_pipeline, stages_per_rank
+from lightning_mp.parallel.pipeline_split import check_split_points, stage_blocks
+from lightning_mp.parallel.tensor import apply_tensor_parallel
+from lightning_mp.plans import ModelPlan, find_plan
+
+
+@dataclass
+class PlannedModel:
+    """The model a plan applies to, where it sits in the LightningModule ("" = the module itself)."""
+
+    path: str
+    model: nn.Module
+    plan: ModelPlan
+
+
+def resolve_plan(module: nn.Module, user_plan: Optional[ModelPlan], shape: MeshShape, config: ParallelConfig,
+                 split_points: Optional[Sequence[int]] = None) -> Optional[PlannedModel]:
+    """Find the model and its plan and check them against the degrees; raise when an axis that needs a
+    plan has none. Pure: touches no process group, so it runs before any process is launched."""
+    found = ("", module, user_plan) if user_plan is not None else find_plan(module)
+    if found is None:
+        if shape.tensor > 1:
+            raise ValueError(
+                f"tensor_parallel_size={shape.tensor}, but no tensor-parallel plan is known for the models"
+                f" inside {type(module).__name__}. Either pass `plan={{'path.to.linear': 'colwise', ...}}` to"
+                " ModelParallelStrategy, register one with `lightning_mp.register_plan(ModelClass, factory)`,"
+                " or parallelize the model yourself in `configure_model` using `self.device_mesh`."
+            )
+        if shape.pipeline > 1:
+            raise ValueError(_no_pipeline_plan(shape, f"no plan is known for the models inside {type(module).__name__}"))
+        return None
+    path, model, plan = found
+    check_divisible(shape.tensor, plan.divisible_sizes, plan.name)
+    if plan.blocks is not None:
+        check_pipeline(config, len(model.get_submodule(plan.blocks)))
+    if config.activation_checkpointing and plan.blocks is None:
+        raise ValueError(f"activation_checkpointing=True needs a plan that names the blocks of {plan.name}.")
+    if shape.pipeline > 1:
+        _check_pipelinable(module, path, model, plan, shape)
+        if split_points is not None:
+            num_stages = shape.pipeline * stages_per_rank(config.pipeline_schedule)
+            check_split_points(split_points, num_stages, len(model.get_submodule(plan.blocks)))
+    return PlannedModel(path, model, plan)
+
+
+def _no_pipeline_plan(shape: MeshShape, reason: str) -> str:
+    return (
+        f"pipeline_parallel_size={shape.pipeline}, but {reason}. Register a plan whose ModelPlan has `blocks` and a"
+        " `pipeline=PipelinePlan(...)` (see lightning_mp/plans/bert.py) with `lightning_mp.register_plan`,"
+        " or set pipeline_parallel_size=1."
+    )
+
+
+def _check_pipelinable(module: nn.Module, path: str, model: nn.Module, plan: ModelPlan, shape: MeshShape) -> None:
+    if plan.pipeline is None or plan.blocks is None:
+        raise ValueError(_no_pipeline_plan(shape, f"the plan for {plan.name} describes no pipeline split"))
+    if not path:
+        raise ValueError(
+            f"pipeline_parallel_size={shape.pipeline} needs the planned model to be a submodule of"
+            f" {type(module).__name__} (e.g. `self.model`), so the strategy can put this rank's stages in its place;"
+            " register the plan for the model class with `lightning_mp.register_plan` instead of passing `plan=`."
+        )
+    inside = {id(p) for p in model.parameters()}
+    outside = [name for name, p in module.named_parameters() if id(p) not in inside]
+    if outside:
+        raise ValueError(
+            f"pipeline_parallel_size={shape.pipeline}: parameters {', '.join(outside[:4])} of {type(module).__name__}"
+            f" lie outside the pipelined model {path!r} and would belong to no stage; move them into the model"
+            " (e.g. into its head) or set pipeline_parallel_size=1."
+        )
+
+
+def parallelize(module: nn.Module, planned: Optional[PlannedModel], mesh: DeviceMesh, data_mesh_size: int,
+                config: ParallelConfig, precision: str, device: torch.device,
+                split_points: Optional[Sequence[int]] = None) -> Optional[PipelineRuntime]:
+    """Parallelize ``module`` in place; returns the pipeline runtime when the model was split into stages."""
+    policy = mixed_precision_policy(precision)
+    dp_mesh = fsdp_mesh(mesh) if data_mesh_size > 1 else None
+    if mesh[PIPELINE].size() > 1:
+        assert planned is not None
+        return _parallelize_pipeline(module, planned, mesh, dp_mesh, config, policy, device, split_points)
+    model, plan = (planned.model, planned.plan) if planned is not None else (None, ModelPlan())
+    if model is not None:
+        apply_tensor_parallel(model, mesh[TENSOR], plan.tensor_parallel)
+    blocks = list(model.get_submodule(plan.blocks)) if model is not None and plan.blocks else []
+    if config.activation_checkpointing:
+        apply_activation_checkpointing(blocks)
+    if dp_mesh is not None:
+        # The LightningModule itself is never made an FSDP unit: that would change its class.
+        apply_fsdp(module, None if model is module else model, blocks, dp_mesh, policy)
+    return None
+
+
+def _parallelize_pipeline(module: nn.Module, planned: PlannedModel, mesh: DeviceMesh, dp_mesh: Optional[DeviceMesh],
+                          config: ParallelConfig, policy, device: torch.device,
+                          split_points: Optional[Sequence[int]]) -> PipelineRuntime:
+    plan = planned.plan
+
+    def parallelize_stage(stage: nn.Module) -> None:
+        apply_tensor_parallel(stage, mesh[TENSOR], plan.tensor_parallel)
+        blocks = stage_blocks(stage, plan)
+        if config.activation_checkpointing:
+            apply_activation_checkpointing(blocks)
+        if dp_mesh is not None:
+            # The stage module is the FSDP root: torch's PipelineStage drives its gradient reduction.
+            apply_fsdp(stage, stage, blocks, dp_mesh, policy)
+
+    runtime = build_pipeline(
+        planned.model, plan, mesh[PIPELINE], config.pipeline_schedule, config.microbatches or mesh[PIPELINE].size(),
+        device, split_points=split_points, parallelize_stage=parallelize_stage,
+    )
+    parent_path, _, name = planned.path.rpartition(".")
+    parent = module.get_submodule(parent_path) if parent_path else module
+    setattr(parent, name, runtime.shell)  # the unsplit model is dropped here
+    return runtime

@@ -1,0 +1,311 @@
+"""Pipeline parallelism inside Lightning's loop, with the user's steps unchanged.
+
+Training: the strategy runs torch's schedule on the whole local batch. On the rank holding the last
+stage, the schedule's loss calls the user's ``training_step`` once per microbatch, and while it runs
+the model (this rank's shell, see ``parallel.pipeline_split``) answers every call with the output the
+pipeline computed for that microbatch, in the form its own ``forward`` returns
+(``PipelinePlan.model_output``: a Hugging Face output with ``.loss`` from ``labels``). The loss the step
+returns is weighted by the microbatch's share of the labelled tokens and backpropagated by the schedule;
+Lightning's own backward is replaced by handing over those gradients (see ``hand_over_gradients``). ``self.log`` calls made inside are collected, combined over the
+microbatches with the same weights, sent to every pipeline rank and logged once on each, so reductions
+(``sync_dist``) stay collective and the logger sees one value per step.
+
+Evaluation (validation, test, predict): a forward-only schedule; the last stage's output goes to every
+pipeline rank, and the user's step runs once on the whole batch on every rank with the model answering
+with that output. Metrics (e.g. torchmetrics updated from logits) see exactly what they see without a
+pipeline.
+
+A local batch whose size is not a multiple of the microbatches (the last batch of an epoch) is padded
+with copies of its first row; in training their labels are ``ignore_index`` (no weight), in evaluation
+their outputs are cut off before the user's step sees them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from lightning_mp.parallel.pipeline import PipelineRuntime
+
+
+class PipelineLoop:
+    """Runs one LightningModule step through this rank's pipeline stages."""
+
+    def __init__(self, runtime: PipelineRuntime, labels_key: str, ignore_index: int, token_weighted: bool) -> None:
+        self.runtime = runtime
+        self.labels_key = labels_key
+        self.ignore_index = ignore_index
+        self.token_weighted = token_weighted
+        self._group_ranks = dist.get_process_group_ranks(runtime.group)
+        self._pending: list[tuple[Tensor, Optional[Tensor]]] = []
+        runtime.shell.forward = _outside_steps
+        shell_modules = dict(runtime.shell.named_modules())
+        # Stage modules are views of the shell, but the containers on the path to the blocks are their own
+        # objects; Lightning's train()/eval() reaches only the shell's.
+        self._mirrored = [(module, shell_modules[name]) for stage in runtime.stage_modules
+                          for name, module in stage.named_modules() if name in shell_modules]
+
+    def _sync_training_flags(self) -> None:
+        for module, original in self._mirrored:
+            module.training = original.training
+
+    @property
+    def _source(self) -> int:
+        """Global rank holding the last stage (where outputs and losses are)."""
+        return self._group_ranks[self.runtime.last_rank]
+
+    # ------------------------------------------------------------ training
+    def training_step(self, module: Any, batch: Mapping[str, Any], step_args: tuple, loss_scale: float) -> Tensor:
+        """Forward and backward of the local batch; returns the batch loss (detached) on every rank.
+
+        ``loss_scale`` multiplies every microbatch loss before backward (data-parallel token weighting and
+        Lightning's division by ``accumulate_grad_batches``), not the returned value. ``step_args`` are the
+        hook's arguments after the batch (``batch_idx``).
+        """
+        self._sync_training_flags()
+        batch = self._check_batch(batch)
+        size = _batch_size(batch, self.runtime.pipeline.input_name)
+        padded, padded_size = self._pad(batch, size, training=True)
+        weights = self._microbatch_weights(padded, padded_size)
+        rows_per_microbatch = padded_size // self.runtime.microbatches
+        records: list[tuple[Tensor, dict[str, tuple[float, dict]], float]] = []
+
+        def microbatch_loss(output: Any, rows: Tensor) -> Tensor:
+            weight = weights[int(rows[0]) // rows_per_microbatch]
+            if weight == 0.0:  # no labelled token: contributes nothing (and HF's mean would be 0/0)
+                return sum(t.sum() for t in tree_flatten(output)[0] if isinstance(t, Tensor)) * 0.0
+            microbatch = _select_rows(padded, rows, padded_size)
+            with self.answering(module, output, microbatch), _captured_logs(module) as logged:
+                step_output = module.training_step(microbatch, *step_args)
+            loss = step_output["loss"] if isinstance(step_output, Mapping) else step_output
+            if not isinstance(loss, Tensor):
+                raise RuntimeError(
+                    "under pipeline parallelism training_step must return the loss (a tensor or a dict with"
+                    f" 'loss'); it returned {type(step_output).__name__}."
+                )
+            records.append((loss.detach().float() * weight, logged, weight))
+            return loss * (weight * loss_scale)
+
+        target = torch.arange(padded_size, device=self.runtime.device)
+        # Lightning zeroes gradients between training_step and backward (on the first batch of an accumulation
+        # window); the schedule's gradients are therefore set aside here and added in backward.
+        parameters = [p for p in self.runtime.shell.parameters() if p.requires_grad]
+        earlier = [p.grad for p in parameters]
+        for p in parameters:
+            p.grad = None
+        self.runtime.run(self._model_inputs(padded, padded_size), target, microbatch_loss)
+        self._pending = [(p, p.grad) for p in parameters]
+        for p, grad in zip(parameters, earlier):
+            p.grad = grad
+        summary = None
+        if self.runtime.is_last:
+            batch_loss = torch.stack([r[0] for r in records]).sum().item() if records else 0.0
+            summary = (batch_loss, _combine_logs(records, size))
+        batch_loss, logs = self._broadcast_object(summary)
+        for name, (value, kwargs) in logs.items():
+            module.log(name, torch.tensor(value, device=self.runtime.device), **kwargs)
+        return torch.tensor(batch_loss, device=self.runtime.device)
+
+    def hand_over_gradients(self) -> None:
+        """Add the last training step's gradients to ``.grad``, where Lightning's backward would have put them."""
+        for parameter, grad in self._pending:
+            if grad is None:
+                continue
+            if parameter.grad is None:
+                parameter.grad = grad
+            else:
+                parameter.grad += grad
+        self._pending = []
+
+    def _microbatch_weights(self, batch: Mapping[str, Any], size: int) -> list[float]:
+        """Each microbatch's share of the batch loss: its labelled tokens / the batch's (token mean), or
+        1/m without labels (the mean of equal-sized microbatches)."""
+        m = self.runtime.microbatches
+        labels = batch.get(self.labels_key) if self.token_weighted else None
+        if not isinstance(labels, Tensor) or labels.shape[0] != size:
+            return [1.0 / m] * m
+        counts = [(chunk != self.ignore_index).sum().item() for chunk in labels.chunk(m)]
+        total = sum(counts)
+        return [c / total for c in counts] if total else [1.0 / m] * m
+
+    # ------------------------------------------------------------ evaluation
+    def evaluation_step(self, module: Any, step: Callable[..., Any], batch: Mapping[str, Any], *args: Any,
+                        **kwargs: Any) -> Any:
+        """Forward-only schedule, output to every pipeline rank, then ``step(batch, ...)`` on every rank."""
+        self._sync_training_flags()
+        batch = self._check_batch(batch)
+        size = _batch_size(batch, self.runtime.pipeline.input_name)
+        padded, padded_size = self._pad(batch, size, training=False)
+        result = self.runtime.eval_step(self._model_inputs(padded, padded_size))
+        output = self._broadcast_tree(result.output)
+        if padded_size != size:
+            output = _cut_rows(output, size, padded_size)
+        with self.answering(module, output, batch):
+            return step(batch, *args, **kwargs)
+
+    # ------------------------------------------------------------ the model answering with pipeline output
+    @contextmanager
+    def answering(self, module: Any, output: Any, batch: Mapping[str, Any]) -> Iterator[None]:
+        """While the user's step runs, calling the shell returns ``output`` as the model's own forward would."""
+        shell = self.runtime.shell
+        pipeline = self.runtime.pipeline
+        expected_rows = _batch_size(batch, pipeline.input_name)
+
+        def forward(*args: Any, **call_kwargs: Any) -> Any:
+            ids = call_kwargs.get(pipeline.input_name, args[0] if args else None)
+            if isinstance(ids, Tensor) and ids.shape[0] != expected_rows:
+                raise RuntimeError(
+                    f"under pipeline parallelism the model has already run on this step's batch ({expected_rows}"
+                    f" rows) and can only answer for it; it was called with {ids.shape[0]} rows."
+                )
+            if pipeline.model_output is None:
+                return output
+            return pipeline.model_output(shell, output, call_kwargs)
+
+        shell.forward = forward
+        try:
+            yield
+        finally:
+            shell.forward = _outside_steps
+
+    # ------------------------------------------------------------ batches
+    def _check_batch(self, batch: Any) -> Mapping[str, Any]:
+        if not isinstance(batch, Mapping):
+            raise TypeError(
+                "under pipeline parallelism a batch must be a dict of tensors (the model inputs by name, e.g."
+                f" input_ids, attention_mask, labels); got {type(batch).__name__}."
+            )
+        name = self.runtime.pipeline.input_name
+        if not isinstance(batch.get(name), Tensor):
+            raise ValueError(f"the pipeline's first stage needs the batch entry {name!r}; the batch has {sorted(batch)}.")
+        return batch
+
+    def _model_inputs(self, batch: Mapping[str, Any], size: int) -> dict[str, Tensor]:
+        """What travels through the stages: every per-row tensor but the labels (only the loss needs them)."""
+        return {k: v for k, v in batch.items() if k != self.labels_key and _is_per_row(v, size)}
+
+    def _pad(self, batch: Mapping[str, Any], size: int, training: bool) -> tuple[dict[str, Any], int]:
+        m = self.runtime.microbatches
+        padded_size = -(-size // m) * m
+        if padded_size == size:
+            return dict(batch), size
+        labels = batch.get(self.labels_key)
+        if training and not (self.token_weighted and isinstance(labels, Tensor)):
+            raise ValueError(
+                f"the batch size {size} is not divisible by microbatches={m}, and without token-weighted labels"
+                f" ('{self.labels_key}') the batch cannot be padded without changing the loss; use a batch size"
+                f" that is a multiple of {m} (and drop_last=True in the DataLoader)."
+            )
+        extra = padded_size - size
+        padded: dict[str, Any] = {}
+        for key, value in batch.items():
+            if not _is_per_row(value, size):
+                padded[key] = value
+                continue
+            filler = value[:1].expand(extra, *value.shape[1:])
+            if training and key == self.labels_key:
+                filler = torch.full_like(filler, self.ignore_index)
+            padded[key] = torch.cat([value, filler])
+        return padded, padded_size
+
+    # ------------------------------------------------------------ communication over the pipeline group
+    def _broadcast_object(self, obj: Any) -> Any:
+        holder = [obj]
+        dist.broadcast_object_list(holder, src=self._source, group=self.runtime.group, device=self.runtime.device)
+        return holder[0]
+
+    def _broadcast_tree(self, tree: Any) -> Any:
+        """The last stage's output (tensors, tuples, None) on every pipeline rank."""
+        if self.runtime.pp_mesh.size() == 1:
+            return tree
+        is_source = self.runtime.is_last
+        meta = None
+        if is_source:
+            leaves, spec = tree_flatten(tree)
+            meta = (spec, [(tuple(t.shape), t.dtype) if isinstance(t, Tensor) else t for t in leaves])
+        spec, described = self._broadcast_object(meta)
+        received = []
+        for index, item in enumerate(described):
+            if not isinstance(item, tuple) or len(item) != 2 or not isinstance(item[1], torch.dtype):
+                received.append(item)
+                continue
+            tensor = leaves[index].contiguous() if is_source else torch.empty(item[0], dtype=item[1],
+                                                                                device=self.runtime.device)
+            dist.broadcast(tensor, src=self._source, group=self.runtime.group)
+            received.append(tensor)
+        return tree_unflatten(received, spec)
+
+
+def _outside_steps(*args: Any, **kwargs: Any) -> Any:
+    raise RuntimeError(
+        "under pipeline parallelism this model holds only this rank's stages and runs inside the strategy's"
+        " pipeline schedule: call it from training_step, validation_step, test_step or predict_step."
+    )
+
+
+def _batch_size(batch: Mapping[str, Any], input_name: str) -> int:
+    return int(batch[input_name].shape[0])
+
+
+def _is_per_row(value: Any, size: int) -> bool:
+    return isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == size
+
+
+def _select_rows(batch: Mapping[str, Any], rows: Tensor, size: int) -> dict[str, Any]:
+    return {k: (v[rows.to(v.device)] if _is_per_row(v, size) else v) for k, v in batch.items()}
+
+
+def _cut_rows(tree: Any, size: int, padded_size: int) -> Any:
+    leaves, spec = tree_flatten(tree)
+    return tree_unflatten([t[:size] if _is_per_row(t, padded_size) else t for t in leaves], spec)
+
+
+@contextmanager
+def _captured_logs(module: Any) -> Iterator[dict[str, tuple[float, dict]]]:
+    """``module.log`` (and ``log_dict``, which calls it) record instead of logging while this is open."""
+    logged: dict[str, tuple[float, dict]] = {}
+
+    def record(name: str, value: Any, **kwargs: Any) -> None:
+        if isinstance(value, Tensor):
+            if value.numel() != 1:
+                raise ValueError(f"self.log({name!r}) needs a scalar under pipeline parallelism; got shape {tuple(value.shape)}.")
+            value = value.detach().float().item()
+        elif not isinstance(value, (int, float)):
+            raise TypeError(
+                f"self.log({name!r}, <{type(value).__name__}>) in training_step under pipeline parallelism: log"
+                " numbers or scalar tensors there (update torchmetrics objects in validation/test steps)."
+            )
+        logged[name] = (float(value), kwargs)
+
+    module.log = record  # an instance attribute shadows the method
+    try:
+        yield logged
+    finally:
+        del module.log
+
+
+def _combine_logs(records: list[tuple[Tensor, dict[str, tuple[float, dict]], float]],
+                  batch_size: int) -> dict[str, tuple[float, dict]]:
+    """Per name, the microbatch values averaged with the microbatch weights (the token mean for a loss),
+    with Lightning's ``batch_size`` set to the whole local batch."""
+    sums: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    kwargs_of: dict[str, dict] = {}
+    for _, logged, weight in records:
+        for name, (value, kwargs) in logged.items():
+            sums[name] = sums.get(name, 0.0) + value * weight
+            weights[name] = weights.get(name, 0.0) + weight
+            kwargs_of[name] = kwargs
+    combined = {}
+    for name, total in sums.items():
+        kwargs = dict(kwargs_of[name])
+        if "batch_size" in kwargs:
+            kwargs["batch_size"] = batch_size
+        combined[name] = (total / weights[name] if weights[name] else total, kwargs)
+    return combined
