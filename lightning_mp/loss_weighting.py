@@ -18,6 +18,10 @@ import torch.distributed as dist
 from torch import Tensor
 
 
+def _is_mean(reduce_fx: Any) -> bool:
+    return reduce_fx is torch.mean or (isinstance(reduce_fx, str) and reduce_fx.lower() in ("mean", "avg"))
+
+
 def count_labelled_tokens(batch: Any, labels_key: str, ignore_index: int) -> Tensor | None:
     labels = batch.get(labels_key) if isinstance(batch, Mapping) else getattr(batch, labels_key, None)
     if not isinstance(labels, Tensor):
@@ -53,13 +57,35 @@ class TokenWeighting:
         self.loss_scale = (local * data_size / total).item()
 
     @contextmanager
-    def reducing_logged_values(self) -> Iterator[None]:
-        """While a step runs, mean-reductions of logged values are token-weighted."""
+    def reducing_logged_values(self, module: Any) -> Iterator[None]:
+        """While a step runs, mean-reductions of logged values are token-weighted.
+
+        A scalar logged with ``sync_dist=True`` and a mean reduction is replaced at once by its
+        token-weighted mean over the data-parallel ranks. Lightning averages a logged value over the epoch
+        from each rank's *local* values weighted by batch size, which weights ranks by rows, not labelled
+        tokens; with the step's global value on every rank, that average is the single-process one
+        (sum over steps of global mean × rows / rows).
+        """
         self._reducing = True
+        previous = module.__dict__.get("log")
+        log = module.log
+
+        def token_weighted_log(name: str, value: Any, *args: Any, **kwargs: Any) -> Any:
+            if self._local_tokens is not None and kwargs.get("sync_dist") and _is_mean(kwargs.get("reduce_fx", "mean")):
+                if isinstance(value, (int, float)) or (isinstance(value, Tensor) and value.numel() == 1):
+                    tensor = torch.as_tensor(value).detach().float().to(self._local_tokens.device)
+                    value = self.weighted_mean(tensor)
+            return log(name, value, *args, **kwargs)
+
+        module.log = token_weighted_log  # an instance attribute shadows the method for this step only
         try:
             yield
         finally:
             self._reducing = False
+            if previous is None:
+                del module.log
+            else:
+                module.log = previous
 
     def applies_to(self, reduce_op: Any, group: Any) -> bool:
         op = reduce_op.lower() if isinstance(reduce_op, str) else reduce_op

@@ -283,11 +283,15 @@ def _captured_logs(module: Any) -> Iterator[dict[str, tuple[float, dict]]]:
             )
         logged[name] = (float(value), kwargs)
 
-    module.log = record  # an instance attribute shadows the method
+    previous = module.__dict__.get("log")
+    module.log = record  # an instance attribute shadows the method (and the strategy's own wrapper)
     try:
         yield logged
     finally:
-        del module.log
+        if previous is None:
+            del module.log
+        else:
+            module.log = previous
 
 
 def _combine_logs(records: list[tuple[Tensor, dict[str, tuple[float, dict]], float]],

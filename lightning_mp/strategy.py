@@ -6,6 +6,7 @@ only decides when each is called.
 
 from __future__ import annotations
 
+import atexit
 import types
 from contextlib import contextmanager, nullcontext
 from datetime import timedelta
@@ -16,6 +17,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.utilities.distributed import (
+    _destroy_dist_connection,
     _distributed_is_initialized,
     _get_default_process_group_backend_for_device,
     _init_dist_connection,
@@ -191,8 +193,9 @@ class ModelParallelStrategy(ParallelStrategy):
 
     def check_model(self, model: pl.LightningModule) -> None:
         """Check plan and degrees against a model built in ``__init__``; one built in ``configure_model``
-        can only be checked in ``setup``."""
-        if not is_overridden("configure_model", model):
+        can only be checked in ``setup``. A model this strategy already split (a second fit/validate) is not
+        checked again."""
+        if self._pipeline is None and not is_overridden("configure_model", model):
             self._resolve_plan(model)
 
     def setup_environment(self) -> None:
@@ -206,6 +209,7 @@ class ModelParallelStrategy(ParallelStrategy):
         if self.root_device.type != "cpu":
             kwargs["device_id"] = self.root_device
         _init_dist_connection(self.cluster_environment, self._process_group_backend, **kwargs)
+        _destroy_process_group_at_exit()
         self._device_mesh, self._data_mesh = build_device_mesh(self.mesh_shape, self.root_device)
         assert self.lightning_module is not None
         self.lightning_module._device_mesh = self._device_mesh  # LightningModule.device_mesh
@@ -295,7 +299,7 @@ class ModelParallelStrategy(ParallelStrategy):
         # The schedule runs backward itself, so it applies what Lightning's backward would: the data-parallel
         # token weight and the division by accumulate_grad_batches.
         scale = self._token_weighting.loss_scale / self.lightning_module.trainer.accumulate_grad_batches
-        with self.precision_plugin.train_step_context(), self._token_weighting.reducing_logged_values():
+        with self.precision_plugin.train_step_context(), self._token_weighting.reducing_logged_values(self.lightning_module):
             return self._pipeline.training_step(self.lightning_module, batch, rest, scale)
 
     def validation_step(self, *args: Any, **kwargs: Any) -> Any:
@@ -318,7 +322,7 @@ class ModelParallelStrategy(ParallelStrategy):
         args, kwargs = self.precision_plugin.convert_input((args, kwargs))
         batch, rest = _split_batch_argument(args, kwargs)
         self._observe(batch)
-        with context(), self._token_weighting.reducing_logged_values():
+        with context(), self._token_weighting.reducing_logged_values(self.lightning_module):
             return self._pipeline.evaluation_step(self.lightning_module, getattr(self.lightning_module, hook), batch,
                                                   *rest)
 
@@ -328,7 +332,7 @@ class ModelParallelStrategy(ParallelStrategy):
 
     def _weighted_step(self, step: Any, *args: Any, **kwargs: Any) -> Any:
         self._observe(args[0] if args else kwargs.get("batch"))
-        with self._token_weighting.reducing_logged_values():
+        with self._token_weighting.reducing_logged_values(self.lightning_module):
             return step(*args, **kwargs)
 
     def backward(self, closure_loss: Tensor, optimizer: Optional[Optimizer], *args: Any, **kwargs: Any) -> Tensor:
@@ -403,6 +407,18 @@ class ModelParallelStrategy(ParallelStrategy):
         assert self.model is not None and self.lightning_module is not None
         return ckpt.load_into(path, self.model, self.optimizers, self.lightning_module.strict_loading, weights_only,
                               pipelined=self._pipeline is not None)
+
+
+_exit_hook_registered = False
+
+
+def _destroy_process_group_at_exit() -> None:
+    # A process group still alive when the interpreter exits can abort it from gloo's worker threads
+    # ("terminate called without an active exception", exit code -6) after training succeeded.
+    global _exit_hook_registered
+    if not _exit_hook_registered:
+        atexit.register(_destroy_dist_connection)
+        _exit_hook_registered = True
 
 
 def _split_batch_argument(args: tuple, kwargs: dict) -> tuple[Any, tuple]:
