@@ -17,11 +17,15 @@ from torch import nn
 from lightning_mp.checkpoint import model_state
 
 
-def export_hf_model(module: nn.Module, attribute: str, out_dir: str | Path, tokenizer: Any = None) -> Path | None:
-    """Write ``getattr(module, attribute)`` with ``save_pretrained`` (+ tokenizer); returns the path on rank 0."""
+def export_hf_model(module: nn.Module, attribute: str, out_dir: str | Path, tokenizer: Any = None,
+                    pipeline_group: dist.ProcessGroup | None = None) -> Path | None:
+    """Write ``getattr(module, attribute)`` with ``save_pretrained`` (+ tokenizer); returns the path on rank 0.
+
+    Under pipeline parallelism pass the strategy's ``pipeline_group``: each rank holds only its stages.
+    """
     out_dir = Path(out_dir).resolve()
     hf_model = module.get_submodule(attribute)
-    full = model_state(hf_model, full=True)  # collective: all ranks must call
+    full = model_state(hf_model, full=True, pipeline_group=pipeline_group)  # collective: all ranks must call
     is_writer = not dist.is_initialized() or dist.get_rank() == 0
     if is_writer:
         clean = type(hf_model)(hf_model.config)  # unsharded copy on CPU, same FQNs

@@ -108,3 +108,64 @@ def test_bert_plan_covers_every_layer():
     resolved = expand_globs(model, plan.tensor_parallel)
     assert len(resolved) == 6 * 2  # six linears in each of two layers
     assert plan.divisible_sizes == {"num_attention_heads": 4, "intermediate_size": 64}
+
+
+# ---------------------------------------------------------------- pipeline parallelism
+def test_more_pipeline_stages_than_blocks_before_launch():
+    with pytest.raises(ValueError, match=r"pipeline_parallel_size=2 with schedule 'interleaved_1f1b' needs 4 stages,"
+                                         r" but the model has only 2 blocks; use at most 1 pipeline ranks"):
+        trainer(2, pipeline_parallel_size=2, pipeline_schedule="interleaved_1f1b", microbatches=4).fit(TinyBertModule())
+
+
+def test_too_few_microbatches_before_launch():
+    with pytest.raises(ValueError, match=r"microbatches=2 is fewer than pipeline_parallel_size=4; schedule '1f1b'"
+                                         r" needs at least 4 microbatches"):
+        trainer(4, pipeline_parallel_size=4, microbatches=2).fit(TinyBertModule(layers=4))
+
+
+def test_model_without_pipeline_plan_before_launch():
+    with pytest.raises(ValueError, match=r"pipeline_parallel_size=2, but no plan is known for the models inside PlainMLP"
+                                         r".*register_plan"):
+        trainer(2, pipeline_parallel_size=2).fit(PlainMLP())
+
+
+class MaskedLMModule(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        from transformers import BertForMaskedLM
+        from workers.tiny_bert import tiny_config
+
+        self.model = BertForMaskedLM(tiny_config(layers=4))  # decoder tied to the word embedding
+
+
+def test_model_whose_plan_cannot_be_split_before_launch():
+    with pytest.raises(ValueError, match=r"the plan for BertForMaskedLM describes no pipeline split"):
+        trainer(2, pipeline_parallel_size=2).fit(MaskedLMModule())
+
+
+class ExtraHead(TinyBertModule):
+    def __init__(self):
+        super().__init__(layers=4)
+        self.extra = nn.Linear(4, 4)
+
+
+def test_parameters_outside_the_pipelined_model_before_launch():
+    with pytest.raises(ValueError, match=r"parameters extra.weight, extra.bias of ExtraHead lie outside the pipelined"
+                                         r" model 'model'"):
+        trainer(2, pipeline_parallel_size=2).fit(ExtraHead())
+
+
+def test_pinned_split_points_checked_before_launch():
+    with pytest.raises(ValueError, match=r"split_points=\[0, 4\] must be strictly increasing and below the number of"
+                                         r" blocks \(4\)"):
+        trainer(2, pipeline_parallel_size=2, pipeline_split_points=[0, 4]).fit(TinyBertModule(layers=4))
+
+
+def test_fp16_mixed_with_a_pipeline_is_rejected():
+    # On CPU the Trainer turns 16-mixed into bf16-mixed, so the plugin a GPU run gets is set by hand.
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    strategy = ModelParallelStrategy(pipeline_parallel_size=2)
+    strategy.precision_plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    with pytest.raises(ValueError, match=r"precision='16-mixed'.*use 'bf16-mixed', 'bf16-true' or '32-true'"):
+        strategy._validate_precision()

@@ -70,6 +70,10 @@ def test_recipe_trains_tests_and_exports(tmp_path, in_process_run):
     (["trainer.devices=4", "parallel.tensor=2", "parallel.data=3"], "world size is 4"),
     (["trainer.devices=2", "trainer.batch_size=7"], "trainer.batch_size=7 is not divisible by the 2 data-parallel ranks"),
     (["trainer.precision=fp8"], "trainer.precision='fp8'; valid: 32-true"),
+    (["model=bert-tiny", "trainer.devices=4", "parallel.pipeline=4"],
+     "pipeline_parallel_size=4 with schedule '1f1b' needs 4 stages, but the model has only 2 blocks"),
+    (["trainer.devices=2", "parallel.pipeline=2", "parallel.microbatches=4", "trainer.batch_size=18"],
+     "trainer.batch_size=18 gives 18 sequences per data-parallel rank, which parallel.microbatches=4 does not divide"),
 ])
 def test_bad_overrides_fail_at_once(overrides, message):
     with pytest.raises(ValueError) as error:
@@ -95,3 +99,21 @@ def test_recipe_with_tensor_and_data_parallel_ranks(tmp_path):
     assert "test entity F1 =" in result.stdout
     assert (tmp_path / "hf_model" / "config.json").is_file()
     assert len(list((tmp_path / "checkpoints").glob("best-*.ckpt"))) == 1
+
+
+@pytest.mark.slow
+def test_recipe_with_pipeline_and_tensor_parallel_ranks(tmp_path):
+    cmd = [sys.executable, str(ROOT / "recipes" / "ner_bert.py"), *SMALL, "trainer.devices=4", "parallel.pipeline=2",
+           "parallel.tensor=2", "parallel.microbatches=4", f"hydra.run.dir={tmp_path}"]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600, env=clean_env())
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert "test entity F1 =" in result.stdout
+    # The full checkpoint and the export hold both stages, merged under the unsplit model's names.
+    checkpoint = torch.load(next((tmp_path / "checkpoints").glob("best-*.ckpt")), weights_only=False)
+    names = set(checkpoint["state_dict"])
+    assert {"model.bert.embeddings.word_embeddings.weight", "model.bert.encoder.layer.0.output.dense.weight",
+            "model.bert.encoder.layer.1.output.dense.weight", "model.classifier.weight"} <= names
+    from transformers import AutoModelForTokenClassification
+
+    model = AutoModelForTokenClassification.from_pretrained(tmp_path / "hf_model")
+    torch.testing.assert_close(model.classifier.weight, checkpoint["state_dict"]["model.classifier.weight"])

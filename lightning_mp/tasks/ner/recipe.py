@@ -11,7 +11,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from omegaconf import DictConfig
 
 from lightning_mp.callbacks import TokensPerSecond
-from lightning_mp.config import ParallelConfig, check_divisible
+from lightning_mp.config import ParallelConfig, check_divisible, check_pipeline
 from lightning_mp.export import export_hf_model
 from lightning_mp.strategy import SUPPORTED_PRECISION, ModelParallelStrategy
 from lightning_mp.tasks.ner.data import NERDataModule, minilm_path
@@ -62,9 +62,17 @@ def check_config(cfg: DictConfig) -> None:
     if not m.name_or_path:  # shapes we know without loading anything
         check_divisible(shape.tensor, {"num_attention_heads": m.num_attention_heads,
                                        "intermediate_size": m.intermediate_size}, f"model={m.name}")
+    check_pipeline(parallel_config(cfg), int(m.num_hidden_layers))
     batch = int(cfg.trainer.batch_size)
     if batch % shape.data:
         raise ValueError(f"trainer.batch_size={batch} is not divisible by the {shape.data} data-parallel ranks.")
+    microbatches = cfg.parallel.microbatches or shape.pipeline
+    if shape.pipeline > 1 and (batch // shape.data) % microbatches:
+        raise ValueError(
+            f"trainer.batch_size={batch} gives {batch // shape.data} sequences per data-parallel rank, which"
+            f" parallel.microbatches={microbatches} does not divide; use a batch size that is a multiple of"
+            f" {shape.data * microbatches}."
+        )
 
 
 def build_strategy(cfg: DictConfig) -> ModelParallelStrategy:
@@ -103,7 +111,8 @@ def run_ner(cfg: DictConfig, original_cwd: Path, run_dir: Path) -> float:
     trainer.fit(module, datamodule=datamodule)
     trainer.test(module, datamodule=datamodule, ckpt_path="best" if checkpoint.best_model_path else None)
     f1 = float(trainer.callback_metrics.get("test_f1", float("nan")))
-    export_dir = export_hf_model(module, "model", run_dir / cfg.export_dir, tokenizer=datamodule.tokenizer)
+    export_dir = export_hf_model(module, "model", run_dir / cfg.export_dir, tokenizer=datamodule.tokenizer,
+                                 pipeline_group=trainer.strategy.pipeline_group)
     if trainer.is_global_zero:
         print(f"\nTest entities (best checkpoint {checkpoint.best_model_path or 'last weights'}):\n{module.test_report}")
         print(f"\ntest entity F1 = {f1:.4f}; Hugging Face model exported to {export_dir}")
