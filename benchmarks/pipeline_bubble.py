@@ -132,7 +132,10 @@ def worker(args: argparse.Namespace) -> None:
     if dist.get_rank() == 0:
         Path(args.out).write_text(json.dumps(gathered))
     dist.barrier()
-    dist.destroy_process_group()
+    # Not destroy_process_group(): after pipelining, gloo's teardown sometimes aborts the process
+    # ("terminate called without an active exception"); the results are written, so leave at once.
+    sys.stdout.flush()
+    os._exit(0)
 
 
 # ---------------------------------------------------------------- driver

@@ -39,6 +39,7 @@ from torch.optim import Optimizer
 
 from lightning_mp import checkpoint as ckpt
 from lightning_mp.config import MeshShape, ParallelConfig
+from lightning_mp.failures import FailureWatch
 from lightning_mp.loss_weighting import TokenWeighting
 from lightning_mp.mesh import PIPELINE, build_device_mesh
 from lightning_mp.parallel.fsdp import is_parallelized
@@ -46,6 +47,7 @@ from lightning_mp.parallel.grad_norm import clip_grad_norm_
 from lightning_mp.parallelize import PlannedModel, parallelize, resolve_plan
 from lightning_mp.pipeline_loop import PipelineLoop
 from lightning_mp.plans import ModelPlan, Style
+from lightning_mp.resumable import ResumableLoader
 
 SUPPORTED_PRECISION = ("32-true", "bf16-mixed", "bf16-true", "16-mixed", "16-true")
 
@@ -120,6 +122,7 @@ class ModelParallelStrategy(ParallelStrategy):
         self._device_mesh: Optional[DeviceMesh] = None
         self._data_mesh: Optional[DeviceMesh] = None
         self._pipeline: Optional[PipelineLoop] = None
+        self._failure_watch = FailureWatch()
         self.num_nodes = 1
 
     # ---------------------------------------------------------------- layout and processes
@@ -210,6 +213,7 @@ class ModelParallelStrategy(ParallelStrategy):
             kwargs["device_id"] = self.root_device
         _init_dist_connection(self.cluster_environment, self._process_group_backend, **kwargs)
         _destroy_process_group_at_exit()
+        self._failure_watch.start()
         self._device_mesh, self._data_mesh = build_device_mesh(self.mesh_shape, self.root_device)
         assert self.lightning_module is not None
         self.lightning_module._device_mesh = self._device_mesh  # LightningModule.device_mesh
@@ -278,6 +282,14 @@ class ModelParallelStrategy(ParallelStrategy):
             clip_grad_norm_(list(plugin.main_params(optimizer)), clip_val, extra_group=self.pipeline_group)
 
         self.precision_plugin.clip_grad_by_norm = types.MethodType(clip_grad_by_norm, self.precision_plugin)
+
+    def process_dataloader(self, dataloader: object) -> object:
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        if trainer is None or not trainer.training or not hasattr(dataloader, "__len__"):
+            return dataloader
+        # Mid-epoch checkpoints resume at the next unseen batch (see resumable.py).
+        progress = trainer.fit_loop.epoch_loop.batch_progress.current
+        return ResumableLoader(dataloader, lambda: progress.ready)
 
     def model_to_device(self) -> None:
         assert self.model is not None
@@ -368,6 +380,10 @@ class ModelParallelStrategy(ParallelStrategy):
         torch.distributed.broadcast_object_list(holder, src)
         return holder[0]
 
+    def on_exception(self, exception: BaseException) -> None:
+        # Tell the other ranks, which may be waiting for this one inside a collective (see failures.py).
+        self._failure_watch.report(exception)
+
     def teardown(self) -> None:
         assert self.cluster_environment is not None and self.accelerator is not None
         self.cluster_environment.teardown()
@@ -396,18 +412,25 @@ class ModelParallelStrategy(ParallelStrategy):
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__}.save_checkpoint does not take storage_options.")
         path = Path(self.broadcast(str(filepath)))
+        # Each rank's random state (dropout masks differ by rank), so a resumed run draws what it would have.
+        rng_states = [None] * self.world_size
+        torch.distributed.all_gather_object(rng_states, ckpt.rng_state())
+        checkpoint = {**checkpoint, "rng_states_per_rank": rng_states}
         if self._save_distributed_checkpoint:
-            ckpt.save_sharded(checkpoint, path, self.is_global_zero)
+            ckpt.save_sharded(checkpoint, path, self.is_global_zero, self.barrier)
         elif self.is_global_zero:
-            self.checkpoint_io.save_checkpoint(checkpoint, path)
+            ckpt.save_full(checkpoint, path)
         self.barrier()
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
         path = Path(self.broadcast(str(checkpoint_path)))
         assert self.model is not None and self.lightning_module is not None
-        return ckpt.load_into(path, self.model, self.optimizers, self.lightning_module.strict_loading, weights_only,
-                              pipelined=self._pipeline is not None)
-
+        rest = ckpt.load_into(path, self.model, self.optimizers, self.lightning_module.strict_loading, weights_only)
+        rng_states = rest.pop("rng_states_per_rank", None)
+        if rng_states is not None and len(rng_states) == self.world_size:  # same layout size: same streams
+            ckpt.set_rng_state(rng_states[self.global_rank])
+        self.barrier()
+        return rest
 
 _exit_hook_registered = False
 

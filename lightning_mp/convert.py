@@ -1,0 +1,89 @@
+"""Convert checkpoints between the sharded and the full form, without a distributed job.
+
+    python -m lightning_mp.convert CHECKPOINT_DIR  model.ckpt      # sharded directory -> one full file
+    python -m lightning_mp.convert model.ckpt      CHECKPOINT_DIR  # full file -> sharded directory
+
+Both forms hold the same entries under the same names (see ``lightning_mp.checkpoint``), so either
+loads into any layout; the full file also loads into a plain LightningModule
+(``Module.load_from_checkpoint``, or ``torch.load(path)["state_dict"]``). The output appears only when
+complete; an existing output is refused unless ``--overwrite``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+from lightning_mp.checkpoint import (
+    META_FILE,
+    MODEL_KEY,
+    OPTIMIZER_KEY,
+    _replace,
+    _staging,
+    is_sharded_checkpoint,
+    read_full,
+    save_full,
+)
+
+
+def sharded_to_full(source: str | Path, target: str | Path) -> Path:
+    """Read every shard of ``source`` on this process and write one full checkpoint file ``target``."""
+    source, target = Path(source), Path(target)
+    if not is_sharded_checkpoint(source):
+        raise ValueError(f"{source} is not a sharded checkpoint directory (no .metadata file in it).")
+    tensors: dict[str, Any] = {}
+    # What torch's dcp_to_torch_save does, keeping the result in memory (dcp.load would not fill an empty dict).
+    _load_state_dict(tensors, storage_reader=dcp.FileSystemReader(str(source)), planner=_EmptyStateDictLoadPlanner(),
+                     no_dist=True)
+    checkpoint = torch.load(source / META_FILE, weights_only=False)
+    checkpoint[MODEL_KEY] = tensors.pop(MODEL_KEY)
+    optimizers = sorted((key for key in tensors if key.startswith("optimizer_")), key=lambda k: int(k.split("_")[1]))
+    checkpoint[OPTIMIZER_KEY] = [tensors[key] for key in optimizers]
+    save_full(checkpoint, target)
+    return target
+
+
+def full_to_sharded(source: str | Path, target: str | Path) -> Path:
+    """Write the full checkpoint file ``source`` as a sharded directory ``target`` (one shard)."""
+    source, target = Path(source), Path(target)
+    checkpoint = read_full(source)
+    tensors = {MODEL_KEY: checkpoint.pop(MODEL_KEY)}
+    for index, state in enumerate(checkpoint.pop(OPTIMIZER_KEY, [])):
+        tensors[f"optimizer_{index}"] = state
+    staging = _staging(target)
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    dcp.save(tensors, checkpoint_id=staging, no_dist=True)
+    torch.save(checkpoint, staging / META_FILE)
+    _replace(staging, target)
+    return target
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m lightning_mp.convert", description=__doc__.split("\n\n")[0])
+    parser.add_argument("source", type=Path, help="a sharded checkpoint directory or a full checkpoint file")
+    parser.add_argument("target", type=Path, help="where the other form is written")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing target")
+    args = parser.parse_args(argv)
+    if args.target.exists() and not args.overwrite:
+        parser.error(f"{args.target} exists; pass --overwrite to replace it.")
+    if is_sharded_checkpoint(args.source):
+        sharded_to_full(args.source, args.target)
+        print(f"wrote the full checkpoint {args.target}")
+    elif args.source.is_file():
+        full_to_sharded(args.source, args.target)
+        print(f"wrote the sharded checkpoint {args.target}")
+    else:
+        parser.error(f"{args.source} is neither a sharded checkpoint directory (with .metadata) nor a file.")
+
+
+if __name__ == "__main__":
+    main()
