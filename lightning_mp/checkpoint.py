@@ -44,6 +44,7 @@ from torch.optim import Optimizer
 META_FILE = "meta.pt"
 MODEL_KEY = "state_dict"
 OPTIMIZER_KEY = "optimizer_states"
+RNG_KEY = "rng_states_per_rank"
 # Gathered over FSDP/tensor ranks on every rank (torch's cpu_offload keeps it on global rank 0 only, but
 # under a pipeline every stage's share is needed), then sent over the pipeline group.
 _FULL_ON_EVERY_RANK = StateDictOptions(full_state_dict=True, cpu_offload=False, flatten_optimizer_state_dict=True)
@@ -97,6 +98,25 @@ def rng_state() -> dict[str, Any]:
         name, keys, position, has_gauss, cached = state["numpy"]
         state["numpy"] = (name, torch.from_numpy(keys.astype("int64")), int(position), int(has_gauss), float(cached))
     return state
+
+
+def with_rng_states(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """``checkpoint`` plus every rank's random state (dropout masks differ by rank), so a resumed run draws
+    what the interrupted one would have. Collective."""
+    states: list[Any] = [rng_state()]
+    if dist.is_initialized():
+        states = [None] * dist.get_world_size()
+        dist.all_gather_object(states, rng_state())
+    return {**checkpoint, RNG_KEY: states}
+
+
+def restore_rng_states(rest: dict[str, Any]) -> None:
+    """Take this rank's random state out of a loaded checkpoint; applied when the world size is the same
+    (another layout size has other streams: nothing to continue)."""
+    states = rest.pop(RNG_KEY, None)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if states is not None and len(states) == world:
+        set_rng_state(states[rank])
 
 
 def set_rng_state(state: dict[str, Any]) -> None:

@@ -10,7 +10,7 @@ names), so ``configure_optimizers``, checkpoints and hooks see only what this ra
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
@@ -134,3 +134,13 @@ def _parallelize_pipeline(module: nn.Module, planned: PlannedModel, mesh: Device
     parent = module.get_submodule(parent_path) if parent_path else module
     setattr(parent, name, runtime.shell)  # the unsplit model is dropped here
     return runtime
+
+
+def sync_metrics_over(module: nn.Module, data_group: Any) -> None:
+    """torchmetrics Metrics in ``module`` sync over the data-parallel ranks only: tensor-parallel and
+    pipeline peers see the same batch, and syncing over the whole world would count it once per peer."""
+    from torchmetrics import Metric
+
+    for sub in module.modules():
+        if isinstance(sub, Metric):
+            sub.process_group = data_group

@@ -313,3 +313,11 @@ def _combine_logs(records: list[tuple[Tensor, dict[str, tuple[float, dict]], flo
             kwargs["batch_size"] = batch_size
         combined[name] = (total / weights[name] if weights[name] else total, kwargs)
     return combined
+
+
+def split_step_arguments(args: tuple, kwargs: dict) -> tuple[Any, tuple]:
+    """(batch, the step's other arguments in order) from Lightning's call of a step hook."""
+    if args:
+        return args[0], tuple(args[1:]) + tuple(kwargs.values())
+    kwargs = dict(kwargs)
+    return kwargs.pop("batch"), tuple(kwargs.values())

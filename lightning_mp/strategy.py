@@ -6,7 +6,6 @@ only decides when each is called.
 
 from __future__ import annotations
 
-import atexit
 import types
 from contextlib import contextmanager, nullcontext
 from datetime import timedelta
@@ -17,7 +16,6 @@ import lightning.pytorch as pl
 import torch
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.utilities.distributed import (
-    _destroy_dist_connection,
     _distributed_is_initialized,
     _get_default_process_group_backend_for_device,
     _init_dist_connection,
@@ -27,7 +25,6 @@ from lightning.fabric.utilities.init import _materialize_distributed_module
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.core.optimizer import LightningOptimizer
-from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from lightning.pytorch.strategies.parallel import ParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.model_helpers import is_overridden
@@ -41,11 +38,12 @@ from lightning_mp import checkpoint as ckpt
 from lightning_mp.config import MeshShape, ParallelConfig
 from lightning_mp.failures import FailureWatch
 from lightning_mp.loss_weighting import TokenWeighting
-from lightning_mp.mesh import PIPELINE, build_device_mesh
+from lightning_mp.mesh import build_device_mesh
 from lightning_mp.parallel.fsdp import is_parallelized
 from lightning_mp.parallel.grad_norm import clip_grad_norm_
-from lightning_mp.parallelize import PlannedModel, parallelize, resolve_plan
-from lightning_mp.pipeline_loop import PipelineLoop
+from lightning_mp.parallelize import PlannedModel, parallelize, resolve_plan, sync_metrics_over
+from lightning_mp.pipeline_loop import PipelineLoop, split_step_arguments
+from lightning_mp.processes import CheckModelThenLaunch, destroy_process_group_at_exit
 from lightning_mp.plans import ModelPlan, Style
 from lightning_mp.resumable import ResumableLoader
 
@@ -175,7 +173,7 @@ class ModelParallelStrategy(ParallelStrategy):
         _ = self.mesh_shape
         assert self.cluster_environment is not None
         if not self.cluster_environment.creates_processes_externally:
-            self._launcher = _CheckModelThenLaunch(self, self.cluster_environment, self.num_processes, self.num_nodes)
+            self._launcher = CheckModelThenLaunch(self, self.cluster_environment, self.num_processes, self.num_nodes)
 
     def _validate_precision(self) -> None:
         precision = getattr(self.precision_plugin, "precision", "32-true")
@@ -212,7 +210,7 @@ class ModelParallelStrategy(ParallelStrategy):
         if self.root_device.type != "cpu":
             kwargs["device_id"] = self.root_device
         _init_dist_connection(self.cluster_environment, self._process_group_backend, **kwargs)
-        _destroy_process_group_at_exit()
+        destroy_process_group_at_exit()
         self._failure_watch.start()
         self._device_mesh, self._data_mesh = build_device_mesh(self.mesh_shape, self.root_device)
         assert self.lightning_module is not None
@@ -253,7 +251,7 @@ class ModelParallelStrategy(ParallelStrategy):
             self.model = self.precision_plugin.convert_module(self.model)
             self._parallelize(self.lightning_module)
         _materialize_distributed_module(self.model, self.root_device)
-        self._sync_metrics_over_data_parallel()
+        sync_metrics_over(self.model, self._data_mesh.get_group())
         self.model_to_device()
         self.barrier()
         if trainer.state.fn == TrainerFn.FITTING:
@@ -263,16 +261,6 @@ class ModelParallelStrategy(ParallelStrategy):
         self._route_gradient_clipping()
         if trainer.state.fn == TrainerFn.FITTING:
             _optimizers_to_device(self.optimizers, self.root_device)
-
-    def _sync_metrics_over_data_parallel(self) -> None:
-        # Tensor-parallel peers see the same batch; syncing a torchmetrics Metric over the whole world
-        # would count every sample once per tensor rank.
-        from torchmetrics import Metric
-
-        group = self._data_mesh.get_group()
-        for module in self.model.modules():
-            if isinstance(module, Metric):
-                module.process_group = group
 
     def _route_gradient_clipping(self) -> None:
         # Lightning clips inside the precision plugin with torch's clip_grad_norm_, which cannot combine
@@ -306,7 +294,7 @@ class ModelParallelStrategy(ParallelStrategy):
         if self._pipeline is None:
             return self._weighted_step(super().training_step, *args, **kwargs)
         args, kwargs = self.precision_plugin.convert_input((args, kwargs))
-        batch, rest = _split_batch_argument(args, kwargs)
+        batch, rest = split_step_arguments(args, kwargs)
         self._observe(batch)
         # The schedule runs backward itself, so it applies what Lightning's backward would: the data-parallel
         # token weight and the division by accumulate_grad_batches.
@@ -332,7 +320,7 @@ class ModelParallelStrategy(ParallelStrategy):
     def _pipeline_evaluation(self, hook: str, context: Any, args: tuple, kwargs: dict) -> Any:
         assert self._pipeline is not None
         args, kwargs = self.precision_plugin.convert_input((args, kwargs))
-        batch, rest = _split_batch_argument(args, kwargs)
+        batch, rest = split_step_arguments(args, kwargs)
         self._observe(batch)
         with context(), self._token_weighting.reducing_logged_values(self.lightning_module):
             return self._pipeline.evaluation_step(self.lightning_module, getattr(self.lightning_module, hook), batch,
@@ -412,10 +400,7 @@ class ModelParallelStrategy(ParallelStrategy):
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__}.save_checkpoint does not take storage_options.")
         path = Path(self.broadcast(str(filepath)))
-        # Each rank's random state (dropout masks differ by rank), so a resumed run draws what it would have.
-        rng_states = [None] * self.world_size
-        torch.distributed.all_gather_object(rng_states, ckpt.rng_state())
-        checkpoint = {**checkpoint, "rng_states_per_rank": rng_states}
+        checkpoint = ckpt.with_rng_states(checkpoint)
         if self._save_distributed_checkpoint:
             ckpt.save_sharded(checkpoint, path, self.is_global_zero, self.barrier)
         elif self.is_global_zero:
@@ -426,41 +411,6 @@ class ModelParallelStrategy(ParallelStrategy):
         path = Path(self.broadcast(str(checkpoint_path)))
         assert self.model is not None and self.lightning_module is not None
         rest = ckpt.load_into(path, self.model, self.optimizers, self.lightning_module.strict_loading, weights_only)
-        rng_states = rest.pop("rng_states_per_rank", None)
-        if rng_states is not None and len(rng_states) == self.world_size:  # same layout size: same streams
-            ckpt.set_rng_state(rng_states[self.global_rank])
+        ckpt.restore_rng_states(rest)
         self.barrier()
         return rest
-
-_exit_hook_registered = False
-
-
-def _destroy_process_group_at_exit() -> None:
-    # A process group still alive when the interpreter exits can abort it from gloo's worker threads
-    # ("terminate called without an active exception", exit code -6) after training succeeded.
-    global _exit_hook_registered
-    if not _exit_hook_registered:
-        atexit.register(_destroy_dist_connection)
-        _exit_hook_registered = True
-
-
-def _split_batch_argument(args: tuple, kwargs: dict) -> tuple[Any, tuple]:
-    """(batch, the step's other arguments in order) from Lightning's call of a step hook."""
-    if args:
-        return args[0], tuple(args[1:]) + tuple(kwargs.values())
-    kwargs = dict(kwargs)
-    return kwargs.pop("batch"), tuple(kwargs.values())
-
-
-class _CheckModelThenLaunch(_SubprocessScriptLauncher):
-    """Lightning's script launcher, but a model that cannot be parallelized fails before any child
-    process is started."""
-
-    def __init__(self, strategy: ModelParallelStrategy, *args: Any) -> None:
-        super().__init__(*args)
-        self._strategy = strategy
-
-    def launch(self, function: Any, *args: Any, trainer: Optional[pl.Trainer] = None, **kwargs: Any) -> Any:
-        if args and isinstance(args[0], pl.LightningModule):
-            self._strategy.check_model(args[0])
-        return super().launch(function, *args, trainer=trainer, **kwargs)

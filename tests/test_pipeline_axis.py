@@ -25,7 +25,8 @@ from transformers import (  # noqa: E402
     BertModel,
 )
 
-from lightning_mp.parallel.pipeline import TokenCrossEntropy, build_pipeline, last_stage_rank, stage_indices  # noqa: E402
+from lightning_mp.parallel.pipeline import build_pipeline, last_stage_rank, stage_indices  # noqa: E402
+from lightning_mp.parallel.pipeline_loss import TokenCrossEntropy  # noqa: E402
 from lightning_mp.parallel.pipeline_split import (  # noqa: E402
     balance_split,
     block_ranges,

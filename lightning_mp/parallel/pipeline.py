@@ -4,24 +4,18 @@ How a model is cut into stages lives in ``pipeline_split``; this module places s
 them in torch's schedules and runs whole batches through them (train: forward + backward of every
 microbatch; eval: forward only).
 
-The schedules are torch's own (GPipe, 1F1B, interleaved 1F1B, interleaved zero bubble, ZB-V). Loss
-scaling: torch divides gradients by the number of microbatches (``scale_grads=True``), which is only
-right when every microbatch has the same weight. Here ``scale_grads=False`` and each microbatch's loss
-is already its share of the batch loss (``sum over its labelled tokens / labelled tokens in the whole
-batch``), so the gradients summed over microbatches are exactly those of the single-process batch mean.
+The schedules are torch's own (GPipe, 1F1B, interleaved 1F1B, interleaved zero bubble, ZB-V), run with
+``scale_grads=False``: each microbatch loss is already its share of the batch loss (``pipeline_loss``).
 
 Nothing here hard-codes a device or backend: the caller passes the device and the pipeline mesh.
 """
 
 from __future__ import annotations
 
-import itertools
-from typing import Any, Callable, Iterator, Mapping, NamedTuple, Optional, Protocol, Sequence, Union
+from typing import Any, Callable, Iterator, Mapping, NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from torch.utils._pytree import tree_flatten
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import (
@@ -35,6 +29,7 @@ from torch.distributed.pipelining import (
 )
 
 from lightning_mp.config import MULTI_STAGE_SCHEDULES, PIPELINE_SCHEDULES
+from lightning_mp.parallel.pipeline_loss import LossSlot, PipelineLoss, TokenCrossEntropy
 from lightning_mp.parallel.pipeline_split import (
     _block_list,
     _check_ownership,
@@ -85,42 +80,6 @@ def last_stage_rank(pp_size: int, schedule_name: str) -> int:
     return next(r for r in range(pp_size) if num_stages - 1 in stage_indices(r, pp_size, schedule_name))
 
 
-# ---------------------------------------------------------------- loss
-class TokenCrossEntropy:
-    """Cross entropy whose per-microbatch value is ``sum of token losses / normalizer``.
-
-    ``normalizer`` is the number of labelled tokens (labels != ``ignore_index``) in the whole local batch
-    (see :meth:`count`), so the microbatch losses add up to the batch's token mean however the labelled
-    tokens are distributed over microbatches. Works for token logits ``(B, S, C)`` with labels ``(B, S)``
-    and sequence logits ``(B, C)`` with labels ``(B,)``.
-    """
-
-    def __init__(self, ignore_index: int = -100) -> None:
-        self.ignore_index = ignore_index
-
-    def count(self, target: Tensor) -> Tensor:
-        return (target != self.ignore_index).sum()
-
-    def __call__(self, output: Any, target: Tensor, normalizer: Tensor) -> Tensor:
-        logits = output[0] if isinstance(output, (tuple, list)) else output
-        total = F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1), ignore_index=self.ignore_index,
-            reduction="sum",
-        )
-        return total / normalizer
-
-
-class PipelineLoss(Protocol):
-    """What the schedule calls per microbatch on the last stage; the returned microbatch losses must add
-    up to the batch loss (so gradients need no rescaling)."""
-
-    def count(self, target: Tensor) -> Tensor:
-        """The normalizer of a whole batch (e.g. its labelled tokens)."""
-
-    def __call__(self, output: Any, target: Tensor, normalizer: Tensor) -> Tensor:
-        """This microbatch's share of the batch loss."""
-
-
 class EvalOutput(NamedTuple):
     output: Any  # the last stage's merged output (e.g. logits) on the rank holding it, None elsewhere
     loss: Optional[Tensor]  # the batch loss on every pipeline rank when labels were given
@@ -154,7 +113,7 @@ class PipelineRuntime:
         device: torch.device,
         split_points: list[int],
         microbatches: int,
-        loss_slot: "_LossSlot",
+        loss_slot: "LossSlot",
     ) -> None:
         self.shell = shell
         self.stage_modules = stage_modules
@@ -343,38 +302,6 @@ def _forward_only(order: dict[int, list[Any]]) -> dict[int, list[Any]]:
     return kept
 
 
-class _LossSlot:
-    """The loss torch's schedule holds (fixed at construction); what it calls is set per step.
-
-    torch infers the shapes sent between stages by running the first microbatch once more before a
-    step (first step, or after a shape change), on the last stage with placeholder inputs. That call only
-    needs a loss to differentiate, so it gets a zero one instead of the step's loss, which may have side
-    effects (a user's training_step logging).
-    """
-
-    fn: Any = None
-    inferring = False
-
-    def __call__(self, output: Any, target: Any, **kwargs: Any) -> Tensor:
-        if self.inferring:
-            return sum(t.sum() for t in tree_flatten(output)[0] if isinstance(t, Tensor)) * 0.0
-        return self.fn(output, target, **kwargs)
-
-    def watch(self, schedule: Any) -> None:
-        """Mark the span of the schedule's shape inference (its private stage-initialization method)."""
-        name = "_initialize_stages" if hasattr(schedule, "_initialize_stages") else "_initialize_stage"
-        initialize = getattr(schedule, name)  # fails loudly if a torch release renames it
-
-        def marked(*args: Any, **kwargs: Any) -> Any:
-            self.inferring = True
-            try:
-                return initialize(*args, **kwargs)
-            finally:
-                self.inferring = False
-
-        setattr(schedule, name, marked)
-
-
 def build_pipeline(
     model: nn.Module,
     plan: ModelPlan,
@@ -432,7 +359,7 @@ def build_pipeline(
             parallelize_stage(module)
         stages.append(PipelineStage(module, index, num_stages, device, group=group))
 
-    slot = _LossSlot()
+    slot = LossSlot()
     schedule_cls = SCHEDULE_CLASSES[schedule_name]
     # scale_grads=False: each microbatch loss is already its share of the batch loss (see TokenCrossEntropy).
     target = stages if schedule_name in MULTI_STAGE_SCHEDULES else stages[0]
