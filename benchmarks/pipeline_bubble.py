@@ -203,6 +203,7 @@ def main() -> None:
     parser.add_argument("--microbatch-size", type=int, default=2)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--name", default="pipeline_bubble", help="basename of the JSON and PNG in results/")
     args = parser.parse_args()
     if args.worker:
         worker(argparse.Namespace(**json.loads(args.worker)))
@@ -217,12 +218,13 @@ def main() -> None:
                 print(f"{p:>2} {m:>3} {schedule:<24} {row['bubble_measured']:>7.3f} {row['bubble_theory']:>7.3f}"
                       f" {row['peak_activation_mib']:>12.2f} {row['step_s']:>7.3f}", flush=True)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "pipeline_bubble.json").write_text(json.dumps({"settings": settings(args), "rows": rows}, indent=1))
+    json_path, png_path = RESULTS / f"{args.name}.json", RESULTS / f"{args.name}.png"
+    json_path.write_text(json.dumps({"settings": settings(args), "rows": rows}, indent=1))
     try:
-        plot(rows, RESULTS / "pipeline_bubble.png")
-        print(f"wrote {RESULTS / 'pipeline_bubble.json'} and {RESULTS / 'pipeline_bubble.png'}")
+        plot(rows, png_path)
+        print(f"wrote {json_path} and {png_path}")
     except ImportError:
-        print(f"wrote {RESULTS / 'pipeline_bubble.json'} (install the 'bench' extra, matplotlib, for the plot)")
+        print(f"wrote {json_path} (install the 'bench' extra, matplotlib, for the plot)")
 
 
 if __name__ == "__main__":

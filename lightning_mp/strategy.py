@@ -9,8 +9,7 @@ from __future__ import annotations
 import types
 from contextlib import contextmanager, nullcontext
 from datetime import timedelta
-from pathlib import Path
-from typing import Any, Generator, Literal, Mapping, Optional, Sequence, Union
+from typing import Any, Generator, Literal, Optional, Sequence, Union
 
 import lightning.pytorch as pl
 import torch
@@ -24,17 +23,16 @@ from lightning.fabric.utilities.distributed import (
 from lightning.fabric.utilities.init import _materialize_distributed_module
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.fabric.utilities.seed import reset_seed
-from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.strategies.parallel import ParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.model_helpers import is_overridden
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh
 from torch.optim import Optimizer
 
-from lightning_mp import checkpoint as ckpt
+from lightning_mp.checkpoint_hooks import CheckpointHooks
 from lightning_mp.config import MeshShape, ParallelConfig
 from lightning_mp.failures import FailureWatch
 from lightning_mp.loss_weighting import TokenWeighting
@@ -43,6 +41,7 @@ from lightning_mp.parallel.fsdp import is_parallelized
 from lightning_mp.parallel.grad_norm import clip_grad_norm_
 from lightning_mp.parallelize import PlannedModel, parallelize, resolve_plan, sync_metrics_over
 from lightning_mp.pipeline_loop import PipelineLoop, split_step_arguments
+from lightning_mp.planner import AutoLayout
 from lightning_mp.processes import CheckModelThenLaunch, destroy_process_group_at_exit
 from lightning_mp.plans import ModelPlan, Style
 from lightning_mp.resumable import ResumableLoader
@@ -50,7 +49,7 @@ from lightning_mp.resumable import ResumableLoader
 SUPPORTED_PRECISION = ("32-true", "bf16-mixed", "bf16-true", "16-mixed", "16-true")
 
 
-class ModelParallelStrategy(ParallelStrategy):
+class ModelParallelStrategy(CheckpointHooks, ParallelStrategy):
     """FSDP2 × tensor parallel (× pipeline) for ordinary LightningModules.
 
     Args:
@@ -71,6 +70,10 @@ class ModelParallelStrategy(ParallelStrategy):
         token_weighted_loss: when the batch carries ``labels_key``, weight each data-parallel rank's loss
             and logged means by its count of labels != ``ignore_index`` (exact global token mean).
         save_distributed_checkpoint: sharded directory (True) or one full file written by rank 0.
+        layout: ``"auto"``: the planner (``lightning_mp.planner``) chooses every degree, microbatches, FSDP mode
+            and activation checkpointing for the model, world size and ``device_memory_gb`` (default: read
+            from the GPU), given ``global_batch_size`` and ``sequence_length``; the degree arguments are
+            then ignored. Decided when the model is known, before any process starts.
     """
 
     strategy_name = "lightning_mp"
@@ -93,9 +96,17 @@ class ModelParallelStrategy(ParallelStrategy):
         save_distributed_checkpoint: bool = True,
         process_group_backend: Optional[str] = None,
         timeout: Optional[timedelta] = default_pg_timeout,
+        layout: Literal["manual", "auto"] = "manual",
+        global_batch_size: Optional[int] = None,
+        sequence_length: Optional[int] = None,
+        device_memory_gb: Optional[float] = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        if layout not in ("manual", "auto"):
+            raise ValueError(f"layout={layout!r}: use 'manual' (the degrees you pass) or 'auto' (the planner's).")
+        self._auto = AutoLayout(global_batch_size, sequence_length, device_memory_gb) if layout == "auto" else None
+        self._layout_chosen = False
         self.parallel_config = ParallelConfig(
             data_parallel_size=data_parallel_size,
             tensor_parallel_size=tensor_parallel_size,
@@ -132,6 +143,8 @@ class ModelParallelStrategy(ParallelStrategy):
 
     @property
     def mesh_shape(self) -> MeshShape:
+        if self._mesh_shape is None and self._auto is not None and not self._layout_chosen:
+            raise RuntimeError("layout='auto' is decided when the model is connected to the Trainer (fit/validate/...).")
         if self._mesh_shape is None:
             self._mesh_shape = self.parallel_config.resolve(self.num_nodes * self.num_processes, self.num_processes)
         return self._mesh_shape
@@ -170,7 +183,8 @@ class ModelParallelStrategy(ParallelStrategy):
         # Called by the Trainer once devices and nodes are known: the earliest moment to reject a layout,
         # before any process is launched or any process group exists.
         self._validate_precision()
-        _ = self.mesh_shape
+        if self._auto is None:
+            _ = self.mesh_shape
         assert self.cluster_environment is not None
         if not self.cluster_environment.creates_processes_externally:
             self._launcher = CheckModelThenLaunch(self, self.cluster_environment, self.num_processes, self.num_nodes)
@@ -196,8 +210,18 @@ class ModelParallelStrategy(ParallelStrategy):
         """Check plan and degrees against a model built in ``__init__``; one built in ``configure_model``
         can only be checked in ``setup``. A model this strategy already split (a second fit/validate) is not
         checked again."""
+        if self._auto is not None and not self._layout_chosen:
+            self._choose_layout(model)
         if self._pipeline is None and not is_overridden("configure_model", model):
             self._resolve_plan(model)
+
+    def _choose_layout(self, model: pl.LightningModule) -> None:
+        assert self._auto is not None
+        accelerator = self.root_device.type if self.parallel_devices else "auto"
+        chosen = self._auto.choose_for(model, self.num_processes, self.num_nodes, self._precision, accelerator)
+        self.parallel_config = ParallelConfig(**chosen.layout.strategy_kwargs())
+        self._layout_chosen = True
+        rank_zero_info(f"layout='auto': {chosen.summary()}")
 
     def setup_environment(self) -> None:
         super().setup_environment()
@@ -291,40 +315,33 @@ class ModelParallelStrategy(ParallelStrategy):
 
     # ---------------------------------------------------------------- steps, backward, reductions
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
-        if self._pipeline is None:
-            return self._weighted_step(super().training_step, *args, **kwargs)
-        args, kwargs = self.precision_plugin.convert_input((args, kwargs))
-        batch, rest = split_step_arguments(args, kwargs)
-        self._observe(batch)
-        # The schedule runs backward itself, so it applies what Lightning's backward would: the data-parallel
-        # token weight and the division by accumulate_grad_batches.
-        scale = self._token_weighting.loss_scale / self.lightning_module.trainer.accumulate_grad_batches
-        with self.precision_plugin.train_step_context(), self._token_weighting.reducing_logged_values(self.lightning_module):
-            return self._pipeline.training_step(self.lightning_module, batch, rest, scale)
+        return self._step("training_step", self.precision_plugin.train_step_context, args, kwargs)
 
     def validation_step(self, *args: Any, **kwargs: Any) -> Any:
-        if self._pipeline is None:
-            return self._weighted_step(super().validation_step, *args, **kwargs)
-        return self._pipeline_evaluation("validation_step", self.precision_plugin.val_step_context, args, kwargs)
+        return self._step("validation_step", self.precision_plugin.val_step_context, args, kwargs)
 
     def test_step(self, *args: Any, **kwargs: Any) -> Any:
-        if self._pipeline is None:
-            return self._weighted_step(super().test_step, *args, **kwargs)
-        return self._pipeline_evaluation("test_step", self.precision_plugin.test_step_context, args, kwargs)
+        return self._step("test_step", self.precision_plugin.test_step_context, args, kwargs)
 
     def predict_step(self, *args: Any, **kwargs: Any) -> Any:
         if self._pipeline is None:
             return super().predict_step(*args, **kwargs)
-        return self._pipeline_evaluation("predict_step", self.precision_plugin.predict_step_context, args, kwargs)
+        return self._step("predict_step", self.precision_plugin.predict_step_context, args, kwargs)
 
-    def _pipeline_evaluation(self, hook: str, context: Any, args: tuple, kwargs: dict) -> Any:
-        assert self._pipeline is not None
+    def _step(self, hook: str, context: Any, args: tuple, kwargs: dict) -> Any:
+        if self._pipeline is None:
+            return self._weighted_step(getattr(super(), hook), *args, **kwargs)
+        module = self.lightning_module
         args, kwargs = self.precision_plugin.convert_input((args, kwargs))
         batch, rest = split_step_arguments(args, kwargs)
         self._observe(batch)
-        with context(), self._token_weighting.reducing_logged_values(self.lightning_module):
-            return self._pipeline.evaluation_step(self.lightning_module, getattr(self.lightning_module, hook), batch,
-                                                  *rest)
+        with context(), self._token_weighting.reducing_logged_values(module):
+            if hook != "training_step":
+                return self._pipeline.evaluation_step(module, getattr(module, hook), batch, *rest)
+            # The schedule runs backward itself, so it applies what Lightning's backward would: the
+            # data-parallel token weight and the division by accumulate_grad_batches.
+            scale = self._token_weighting.loss_scale / module.trainer.accumulate_grad_batches
+            return self._pipeline.training_step(module, batch, rest, scale)
 
     def _observe(self, batch: Any) -> None:
         data_mesh = self._data_mesh
@@ -377,40 +394,3 @@ class ModelParallelStrategy(ParallelStrategy):
         self.cluster_environment.teardown()
         self.precision_plugin.teardown()
         self.accelerator.teardown()
-
-    # ---------------------------------------------------------------- checkpoints
-    def lightning_module_state_dict(self) -> dict[str, Any]:
-        assert self.model is not None
-        return ckpt.model_state(self.model, full=not self._save_distributed_checkpoint, pipeline_group=self.pipeline_group)
-
-    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
-        if isinstance(optimizer, LightningOptimizer):
-            optimizer = optimizer._optimizer
-        assert self.model is not None
-        return ckpt.optimizer_state(self.model, optimizer, full=not self._save_distributed_checkpoint,
-                                    pipeline_group=self.pipeline_group)
-
-    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
-        pass  # already loaded into the sharded model by load_checkpoint
-
-    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
-        pass  # already loaded into the sharded optimizers by load_checkpoint
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
-        if storage_options is not None:
-            raise TypeError(f"{type(self).__name__}.save_checkpoint does not take storage_options.")
-        path = Path(self.broadcast(str(filepath)))
-        checkpoint = ckpt.with_rng_states(checkpoint)
-        if self._save_distributed_checkpoint:
-            ckpt.save_sharded(checkpoint, path, self.is_global_zero, self.barrier)
-        elif self.is_global_zero:
-            ckpt.save_full(checkpoint, path)
-        self.barrier()
-
-    def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
-        path = Path(self.broadcast(str(checkpoint_path)))
-        assert self.model is not None and self.lightning_module is not None
-        rest = ckpt.load_into(path, self.model, self.optimizers, self.lightning_module.strict_loading, weights_only)
-        ckpt.restore_rng_states(rest)
-        self.barrier()
-        return rest

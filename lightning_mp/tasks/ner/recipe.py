@@ -13,20 +13,39 @@ from omegaconf import DictConfig
 from lightning_mp.callbacks import TokensPerSecond
 from lightning_mp.config import ParallelConfig, check_divisible, check_pipeline
 from lightning_mp.export import export_hf_model
+from lightning_mp.planner import Candidate, Cluster, ModelShape, choose, device_memory_gb
 from lightning_mp.strategy import SUPPORTED_PRECISION, ModelParallelStrategy
 from lightning_mp.tasks.ner.data import NERDataModule, minilm_path
 from lightning_mp.tasks.ner.module import TokenClassifier
 
 
 def parallel_kwargs(cfg: DictConfig) -> dict[str, Any]:
-    """The short recipe names (parallel.tensor=2) mapped to the strategy's argument names."""
+    """The short recipe names (parallel.tensor=2) mapped to the strategy's argument names; with
+    ``parallel=auto``, the planner's choice."""
     p = cfg.parallel
+    if p.get("auto"):
+        return planned_layout(cfg).layout.strategy_kwargs()
     return dict(
         data_parallel_size=p.data, tensor_parallel_size=p.tensor, pipeline_parallel_size=p.pipeline,
         data_parallel_mode=p.mode, data_parallel_replicate_size=p.replicate,
         activation_checkpointing=p.activation_checkpointing, pipeline_schedule=p.schedule,
         microbatches=p.microbatches,
     )
+
+
+def model_shape(cfg: DictConfig, labels: int = 21) -> ModelShape:
+    m = cfg.model
+    return ModelShape(layers=int(m.num_hidden_layers), hidden=int(m.hidden_size), heads=int(m.num_attention_heads),
+                      intermediate=int(m.intermediate_size), labels=labels)
+
+
+def planned_layout(cfg: DictConfig) -> Candidate:
+    """The planner's choice for this model, cluster, batch and sequence length (``parallel=auto``)."""
+    t = cfg.trainer
+    memory_gb = t.get("device_memory_gb") or device_memory_gb(t.accelerator)
+    cluster = Cluster(devices_per_node=int(t.devices), num_nodes=int(t.num_nodes), device_memory_gb=float(memory_gb))
+    best, _ = choose(model_shape(cfg), cluster, int(t.batch_size), int(cfg.data.max_length), str(t.precision))
+    return best
 
 
 def parallel_config(cfg: DictConfig) -> ParallelConfig:
@@ -54,6 +73,8 @@ def model_source(cfg: DictConfig, original_cwd: Path) -> Any:
 
 def check_config(cfg: DictConfig) -> None:
     """Fail on bad overrides at once, before data, models or processes are touched."""
+    if cfg.parallel.get("auto"):
+        print(f"parallel=auto: {planned_layout(cfg).summary()}", flush=True)
     world = int(cfg.trainer.devices) * int(cfg.trainer.num_nodes)
     shape = parallel_config(cfg).resolve(world, int(cfg.trainer.devices))
     if cfg.trainer.precision not in SUPPORTED_PRECISION:

@@ -1,0 +1,215 @@
+"""The planner's memory model against measurement, per rank, on CPU processes.
+
+    python benchmarks/planner_memory.py          # prints a table, writes benchmarks/results/planner_memory.json
+
+For several layouts of a small BERT token classifier, a real job under ModelParallelStrategy trains a
+few steps and every rank measures:
+
+- parameter, gradient and AdamW bytes it holds (its local shards) — must equal the prediction exactly;
+- the peak bytes autograd keeps for backward during a step (``saved_tensors_hooks``, counted once per
+  storage, parameters excluded) — the activation memory the planner's formula estimates.
+
+"peak" below is parameters + gradients + optimizer state + peak saved activations on the fullest rank,
+predicted vs measured. Transient buffers (FSDP all-gather buffers, temporaries inside one op) are not in
+either: CPU tensors have no allocator statistics to measure them with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+SHAPE = dict(layers=4, hidden=64, heads=4, intermediate=128, vocab=1000, positions=64, labels=9)
+SEQ, BATCH = 32, 8
+LAYOUTS = {
+    "single": (1, {}),
+    "dp2": (2, {"data_parallel_size": 2}),
+    "tp2": (2, {"tensor_parallel_size": 2, "data_parallel_size": 1}),
+    "dp2xtp2": (4, {"data_parallel_size": 2, "tensor_parallel_size": 2}),
+    "hybrid2x2": (4, {"data_parallel_size": 4, "data_parallel_mode": "hybrid", "data_parallel_replicate_size": 2}),
+    "pp2": (2, {"pipeline_parallel_size": 2, "data_parallel_size": 1, "microbatches": 4}),
+    "pp2xdp2": (4, {"pipeline_parallel_size": 2, "data_parallel_size": 2, "microbatches": 2}),
+    "dp2_checkpointing": (2, {"data_parallel_size": 2, "activation_checkpointing": True}),
+}
+
+
+def layout_of(kwargs: dict, devices: int):
+    from lightning_mp.planner import Layout
+
+    tp, pp = kwargs.get("tensor_parallel_size", 1), kwargs.get("pipeline_parallel_size", 1)
+    dp = kwargs.get("data_parallel_size", devices // (tp * pp))
+    mode = kwargs.get("data_parallel_mode", "fully_sharded")
+    return Layout(dp, tp, pp, mode, kwargs.get("data_parallel_replicate_size", 1), kwargs.get("microbatches", 1),
+                  kwargs.get("pipeline_schedule", "1f1b"), kwargs.get("activation_checkpointing", False))
+
+
+def predict(name: str) -> dict:
+    from lightning_mp.planner import ModelShape, activation_bytes, state_bytes
+
+    devices, kwargs = LAYOUTS[name]
+    model, layout = ModelShape(**SHAPE), layout_of(kwargs, devices)
+    states = state_bytes(model, layout)
+    activations = activation_bytes(model, layout, BATCH // layout.data, SEQ)
+    fullest = max(states, key=lambda r: r["parameters"])
+    return {"state_per_rank": [r["parameters"] + r["gradients"] + r["optimizer"] for r in states],
+            "activations": activations, "peak": fullest["parameters"] * 4 + activations}
+
+
+# ---------------------------------------------------------------- measuring (one job per layout)
+def worker(name: str, out: str) -> None:
+    import lightning as L
+    import torch
+    from lightning.pytorch.callbacks import Callback
+    from torch import nn
+    from torch.distributed.tensor import DTensor
+    from torch.utils.data import DataLoader, TensorDataset
+    from transformers import BertConfig, BertForTokenClassification
+
+    from lightning_mp import ModelParallelStrategy
+    from lightning_mp.memory import local_state_bytes
+
+    devices, kwargs = LAYOUTS[name]
+    config = BertConfig(vocab_size=SHAPE["vocab"], hidden_size=SHAPE["hidden"], num_hidden_layers=SHAPE["layers"],
+                        num_attention_heads=SHAPE["heads"], intermediate_size=SHAPE["intermediate"],
+                        max_position_embeddings=SHAPE["positions"], num_labels=SHAPE["labels"])
+
+    class Module(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = BertForTokenClassification(config)
+
+        def training_step(self, batch, batch_idx):
+            input_ids, labels = batch
+            return self.model(input_ids=input_ids, labels=labels).loss
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=1e-4)
+
+    class SavedBytes(Callback):
+        """Live bytes autograd holds for backward, one count per storage; the peak over each step."""
+
+        def __init__(self) -> None:
+            self.live, self.peak, self.refs = 0, 0, {}
+            self.hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+
+        def pack(self, tensor):
+            if isinstance(tensor, nn.Parameter) or (tensor.is_leaf and tensor.requires_grad):
+                return tensor
+            local = tensor._local_tensor if isinstance(tensor, DTensor) else tensor
+            storage = local.untyped_storage()
+            key = storage.data_ptr()
+            count, size = self.refs.get(key, (0, storage.nbytes()))
+            if count == 0:
+                self.live += size
+                self.peak = max(self.peak, self.live)
+            self.refs[key] = (count + 1, size)
+            return _Held(tensor, key, self)
+
+        def unpack(self, held):
+            return held.tensor if isinstance(held, _Held) else held
+
+        def release(self, key):
+            count, size = self.refs[key]
+            if count == 1:
+                del self.refs[key]
+                self.live -= size
+            else:
+                self.refs[key] = (count - 1, size)
+
+        def on_train_batch_start(self, *_):
+            self.hooks.__enter__()
+
+        def on_train_batch_end(self, *_):
+            self.hooks.__exit__(None, None, None)
+
+    class _Held:
+        __slots__ = ("tensor", "key", "owner")
+
+        def __init__(self, tensor, key, owner):
+            self.tensor, self.key, self.owner = tensor, key, owner
+
+        def __del__(self):
+            self.owner.release(self.key)
+
+    torch.manual_seed(0)
+    tp, pp = kwargs.get("tensor_parallel_size", 1), kwargs.get("pipeline_parallel_size", 1)
+    data = kwargs.get("data_parallel_size", devices // (tp * pp))
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, SHAPE["vocab"], (4 * BATCH, SEQ), generator=g)
+    labels = torch.randint(0, SHAPE["labels"], (4 * BATCH, SEQ), generator=g)
+    saved = SavedBytes()
+    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=ModelParallelStrategy(**kwargs), max_steps=3,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[saved])
+    module = Module()
+    trainer.fit(module, DataLoader(TensorDataset(ids, labels), batch_size=BATCH // data))
+    local = local_state_bytes(module, trainer.optimizers[0])
+    grads = sum((p.grad._local_tensor if isinstance(p.grad, DTensor) else p.grad).nbytes
+                for p in module.parameters() if p.grad is not None)
+    mine = {"parameters": local["parameters"], "gradients": grads,
+            "optimizer": local["optimizer"], "activations": saved.peak}
+    ranks = [None] * trainer.world_size
+    if trainer.world_size > 1:
+        torch.distributed.all_gather_object(ranks, mine)
+    else:
+        ranks = [mine]
+    if trainer.is_global_zero:
+        Path(out).write_text(json.dumps(ranks))
+
+
+def measure(name: str) -> dict:
+    out = RESULTS / f".planner_memory.{name}.tmp"
+    RESULTS.mkdir(exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, __file__, "--worker", name, "--out", str(out)], capture_output=True,
+                          text=True, env=env, timeout=600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")
+    ranks = json.loads(out.read_text())
+    out.unlink()
+    return {"state_per_rank": [r["parameters"] + r["gradients"] + r["optimizer"] for r in ranks],
+            "activations": max(r["activations"] for r in ranks),
+            "peak": max(r["parameters"] + r["gradients"] + r["optimizer"] + r["activations"] for r in ranks)}
+
+
+def compare(names: list[str]) -> list[dict]:
+    rows = []
+    for name in names:
+        predicted, measured = predict(name), measure(name)
+        rows.append({"layout": name, "predicted": predicted, "measured": measured,
+                     "state_exact": sorted(predicted["state_per_rank"]) == sorted(measured["state_per_rank"]),
+                     "activation_ratio": predicted["activations"] / measured["activations"],
+                     "peak_ratio": predicted["peak"] / measured["peak"]})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--layouts", nargs="*", default=list(LAYOUTS))
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.worker, args.out)
+        return
+    rows = compare(args.layouts)
+    print(f"{'layout':18} {'state/rank KiB (pred=meas)':>28} {'act KiB pred':>12} {'meas':>8} {'ratio':>6}"
+          f" {'peak KiB pred':>13} {'meas':>8} {'ratio':>6}")
+    for row in rows:
+        p, m = row["predicted"], row["measured"]
+        state = "/".join(f"{b / 1024:.0f}" for b in sorted(set(m["state_per_rank"])))
+        print(f"{row['layout']:18} {state + (' ok' if row['state_exact'] else ' DIFFERS'):>28}"
+              f" {p['activations'] / 1024:12.0f} {m['activations'] / 1024:8.0f} {row['activation_ratio']:6.2f}"
+              f" {p['peak'] / 1024:13.0f} {m['peak'] / 1024:8.0f} {row['peak_ratio']:6.2f}")
+    (RESULTS / "planner_memory.json").write_text(json.dumps({"shape": SHAPE, "seq": SEQ, "batch": BATCH,
+                                                             "rows": rows}, indent=1))
+    print(f"wrote {RESULTS / 'planner_memory.json'}")
+
+
+if __name__ == "__main__":
+    main()

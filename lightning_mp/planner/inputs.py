@@ -1,0 +1,119 @@
+"""What the planner plans for: the model's shape, the cluster, and a candidate layout."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+BYTES = {"32-true": 4, "bf16-mixed": 2, "bf16-true": 2, "16-mixed": 2, "16-true": 2}
+PARAM_BYTES = {"32-true": 4, "bf16-mixed": 4, "bf16-true": 2, "16-mixed": 4, "16-true": 2}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """A BERT token classifier's shape (``BertForTokenClassification``: no pooler)."""
+
+    layers: int
+    hidden: int
+    heads: int
+    intermediate: int
+    vocab: int = 30522
+    positions: int = 512
+    token_types: int = 2
+    labels: int = 9
+    dropout: bool = True
+
+    @classmethod
+    def from_config(cls, config: Any, labels: Optional[int] = None) -> "ModelShape":
+        """From a transformers ``BertConfig``."""
+        return cls(layers=config.num_hidden_layers, hidden=config.hidden_size, heads=config.num_attention_heads,
+                   intermediate=config.intermediate_size, vocab=config.vocab_size,
+                   positions=config.max_position_embeddings, token_types=config.type_vocab_size,
+                   labels=labels if labels is not None else config.num_labels,
+                   dropout=config.hidden_dropout_prob > 0)
+
+    def layer_tensors(self) -> list[tuple[tuple[int, ...], str]]:
+        """(shape, how tensor parallelism cuts it) for every parameter of one encoder layer."""
+        h, i = self.hidden, self.intermediate
+        col, row, rep = "colwise", "rowwise", "replicated"
+        return [((h, h), col), ((h,), col)] * 3 + [
+            ((h, h), row), ((h,), rep), ((h,), rep), ((h,), rep),  # attention out dense, its LayerNorm
+            ((i, h), col), ((i,), col),  # FFN in
+            ((h, i), row), ((h,), rep), ((h,), rep), ((h,), rep),  # FFN out, LayerNorm
+        ]
+
+    def embedding_tensors(self) -> list[tuple[tuple[int, ...], str]]:
+        h = self.hidden
+        return [((self.vocab, h), "replicated"), ((self.positions, h), "replicated"),
+                ((self.token_types, h), "replicated"), ((h,), "replicated"), ((h,), "replicated")]
+
+    def head_tensors(self) -> list[tuple[tuple[int, ...], str]]:
+        return [((self.labels, self.hidden), "replicated"), ((self.labels,), "replicated")]
+
+    def parameters(self) -> int:
+        count = lambda tensors: sum(math.prod(shape) for shape, _ in tensors)  # noqa: E731
+        return count(self.embedding_tensors()) + self.layers * count(self.layer_tensors()) + count(self.head_tensors())
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """Devices and links. Defaults: an H100 node (989 TFLOP/s bf16 dense at 40% MFU, NVLink ~450 GB/s per
+    GPU) and 400 Gb/s (~50 GB/s) per GPU between nodes."""
+
+    devices_per_node: int
+    num_nodes: int = 1
+    device_memory_gb: float = 80.0
+    flops: float = 989e12
+    mfu: float = 0.4
+    intra_node_gbps: float = 450.0
+    inter_node_gbps: float = 50.0
+    usable_fraction: float = 0.9  # headroom for the framework, allocator fragmentation and buffers
+
+    @property
+    def world_size(self) -> int:
+        return self.devices_per_node * self.num_nodes
+
+
+@dataclass(frozen=True)
+class Layout:
+    data: int
+    tensor: int
+    pipeline: int
+    mode: str = "fully_sharded"  # fully_sharded | hybrid | replicated
+    replicate: int = 1  # hybrid: replicas of the sharded group
+    microbatches: int = 1
+    schedule: str = "1f1b"
+    activation_checkpointing: bool = False
+
+    @property
+    def shard(self) -> int:
+        return {"fully_sharded": self.data, "replicated": 1}.get(self.mode, self.data // self.replicate)
+
+    def strategy_kwargs(self) -> dict[str, Any]:
+        """The ModelParallelStrategy arguments of this layout."""
+        kwargs: dict[str, Any] = dict(data_parallel_size=self.data, tensor_parallel_size=self.tensor,
+                                      pipeline_parallel_size=self.pipeline, data_parallel_mode=self.mode,
+                                      activation_checkpointing=self.activation_checkpointing)
+        if self.mode == "hybrid":
+            kwargs["data_parallel_replicate_size"] = self.replicate
+        if self.pipeline > 1:
+            kwargs.update(pipeline_schedule=self.schedule, microbatches=self.microbatches)
+        return kwargs
+
+    def describe(self) -> str:
+        text = f"dp={self.data} tp={self.tensor} pp={self.pipeline} {self.mode}"
+        if self.mode == "hybrid":
+            text += f"({self.replicate}x{self.shard})"
+        if self.pipeline > 1:
+            text += f" {self.schedule} m={self.microbatches}"
+        return text + (" +AC" if self.activation_checkpointing else "")
+
+
+def device_memory_gb(accelerator: str = "auto") -> float:
+    """Memory of this machine's accelerator (GiB); 16 on CPU, where processes share the host memory."""
+    import torch
+
+    if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory / 2**30
+    return 16.0

@@ -1,0 +1,145 @@
+"""Memory per device (the largest over all ranks, since the largest one decides whether a layout fits):
+
+- parameters, gradients, optimizer state: exact. Every tensor of the model is cut as the strategy cuts
+  it: tensor parallelism splits q/k/v, FFN-in (and their biases) on dim 0 and attention-out / FFN-out
+  weights on dim 1 (``plans/bert.py``); FSDP then splits each rank's piece on dim 0 over the data-parallel
+  shard ranks, with ``torch.chunk`` sizes (the last chunks may be smaller or empty); a pipeline rank holds
+  only its stages (split by ``pipeline_split.balance_split`` on parameter counts, as the strategy does).
+  Gradients match parameters; AdamW keeps two tensors per parameter.
+- activations: what autograd keeps for backward, per encoder layer and microbatch (b sequences of s
+  tokens, hidden h, FFN width i, a heads, tensor-parallel size t), counted tensor by tensor for a BERT
+  layer with PyTorch's fused attention (SDPA keeps q, k, v, its output and the log-sum-exp, never the
+  s × s score matrix). In elements:
+
+      layer(b, s) = s·b·h·(4 + 5/t) + 2·s·b·i/t + s·b·a/t
+
+  replicated over tensor ranks: the layer input (shared by q, k, v), two LayerNorm inputs and the FFN
+  input; split over tensor ranks: q, k, v, the attention output, the attention-out input, the FFN
+  activation's input and output, and the log-sum-exp. This is Korthikanti et al. 2022 ("Reducing
+  Activation Recomputation in Large Transformer Models", eq. 2: ``s·b·h·(10 + 24/t + 5·a·s/(h·t))``
+  bytes at 16 bits) adjusted for BERT: post-LN, GELU FFN of width i, no stored attention scores with
+  fused attention, and the element size of the compute dtype. Dropout (p > 0) adds one byte per element
+  for its masks: ``2·s·b·h`` per layer. With activation checkpointing a layer keeps only its input,
+  ``s·b·h`` elements, and one layer's full activations exist at a time while it is recomputed. Embeddings
+  and the head add ``s·b·(3h + labels)`` elements on the stages that hold them.
+  Layers in flight: every layer of the rank's stages holds one microbatch's activations per microbatch
+  in flight: all ``m`` for GPipe, ``min(m, p)`` for 1F1B on the first stage, ``min(m, p)·(1 + (p-1)/(p·v))``
+  for interleaved schedules with v stages per rank (Narayanan et al. 2021), the local batch without
+  a pipeline.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from lightning_mp.parallel.pipeline_split import balance_split
+from lightning_mp.planner.inputs import BYTES, PARAM_BYTES, Layout, ModelShape
+
+
+def chunk_size(n: int, parts: int, index: int) -> int:
+    """Size of ``torch.chunk(range(n), parts)[index]`` (0 when chunking yields fewer pieces)."""
+    size = -(-n // parts) if n else 0
+    return max(0, min(size, n - size * index)) if size else 0
+
+
+def _local_elements(shape: tuple[int, ...], style: str, tensor: int, t: int, shard: int, d: int) -> int:
+    dims = list(shape)
+    if tensor > 1 and style == "colwise":
+        dims[0] = chunk_size(dims[0], tensor, t)
+    elif tensor > 1 and style == "rowwise" and len(dims) > 1:
+        dims[1] = chunk_size(dims[1], tensor, t)
+    if shard > 1:
+        dims[0] = chunk_size(dims[0], shard, d)
+    return math.prod(dims)
+
+
+def stage_parts(model: ModelShape, layout: Layout) -> list[dict[str, Any]]:
+    """Per pipeline rank: which layers it holds and whether it holds the embeddings / the head, split as
+    the strategy splits (balanced by parameter counts)."""
+    per_rank = 1 if layout.schedule in ("gpipe", "1f1b") or layout.pipeline == 1 else 2
+    stages = layout.pipeline * per_rank
+    count = lambda tensors: float(sum(math.prod(s) for s, _ in tensors))  # noqa: E731
+    points = balance_split([count(model.layer_tensors())] * model.layers, stages,
+                           count(model.embedding_tensors()), count(model.head_tensors()))
+    bounds = [*points, model.layers]
+    ranks = []
+    for rank in range(layout.pipeline):
+        held = [rank] if per_rank == 1 else (
+            [rank, 2 * layout.pipeline - 1 - rank] if layout.schedule == "zbv_zero_bubble" else [rank, rank + layout.pipeline])
+        ranks.append({"layers": sum(bounds[s + 1] - bounds[s] for s in held), "first": 0 in held,
+                      "last": stages - 1 in held, "stages": len(held)})
+    return ranks
+
+
+@dataclass
+class Memory:
+    """Bytes on the fullest device."""
+
+    parameters: int = 0
+    gradients: int = 0
+    optimizer: int = 0
+    activations: int = 0
+
+    @property
+    def state(self) -> int:
+        return self.parameters + self.gradients + self.optimizer
+
+    @property
+    def total(self) -> int:
+        return self.state + self.activations
+
+
+def state_bytes(model: ModelShape, layout: Layout, precision: str = "32-true") -> list[dict[str, int]]:
+    """Exact parameter / gradient / AdamW bytes of every rank, ordered by (pipeline, data shard, tensor) rank."""
+    per_element = PARAM_BYTES[precision]
+    ranks = []
+    for part in stage_parts(model, layout):
+        tensors = model.layer_tensors() * part["layers"]
+        tensors += model.embedding_tensors() if part["first"] else []
+        tensors += model.head_tensors() if part["last"] else []
+        for d, t in itertools.product(range(layout.shard), range(layout.tensor)):
+            elements = sum(_local_elements(shape, style, layout.tensor, t, layout.shard, d) for shape, style in tensors)
+            ranks.append({"parameters": elements * per_element, "gradients": elements * per_element,
+                          "optimizer": 2 * elements * per_element})
+    return ranks
+
+
+def in_flight(layout: Layout) -> float:
+    """Microbatches whose activations one rank holds at its peak."""
+    m, p = layout.microbatches, layout.pipeline
+    if p == 1:
+        return m
+    if layout.schedule == "gpipe":
+        return m
+    if layout.schedule == "1f1b":
+        return min(m, p)
+    return min(m, p) * (1 + (p - 1) / (p * 2))
+
+
+def activation_bytes(model: ModelShape, layout: Layout, local_batch: int, seq: int, precision: str = "32-true") -> int:
+    """Peak bytes autograd keeps for backward on the fullest pipeline rank (see the module docstring)."""
+    b = local_batch / layout.microbatches  # sequences per microbatch
+    s, h, i, a, t = seq, model.hidden, model.intermediate, model.heads, layout.tensor
+    element = BYTES[precision]
+    full_layer = (s * b * h * (4 + 5 / t) + 2 * s * b * i / t + s * b * a / t) * element
+    full_layer += 2 * s * b * h if model.dropout else 0
+    kept_layer = s * b * h * element if layout.activation_checkpointing else full_layer
+    flight = in_flight(layout)
+    worst = 0.0
+    for part in stage_parts(model, layout):
+        total = part["layers"] * kept_layer * flight
+        if layout.activation_checkpointing:
+            total += full_layer  # the layer being recomputed
+        total += (3 * s * b * h * element * flight) if part["first"] else 0
+        total += (s * b * model.labels * 4 * flight) if part["last"] else 0  # fp32 logits for the loss
+        worst = max(worst, total)
+    return int(worst)
+
+
+def memory(model: ModelShape, layout: Layout, global_batch: int, seq: int, precision: str = "32-true") -> Memory:
+    state = max(state_bytes(model, layout, precision), key=lambda r: r["parameters"])
+    return Memory(state["parameters"], state["gradients"], state["optimizer"],
+                  activation_bytes(model, layout, global_batch // layout.data, seq, precision))

@@ -1,0 +1,88 @@
+"""Time per step (documented estimates, for ranking, not promises): compute ``6·N·T`` FLOPs (+ ``12·L·s²·h``
+per sequence for attention; ``8·`` instead of ``6·`` with activation checkpointing) split over all
+devices at ``flops × mfu × efficiency``, where efficiency = tokens / (tokens + 2048) for one device's
+share of a microbatch (small matrix products run far below peak), stretched by the pipeline bubble
+``(p-1)/(v·m+p-1)``; tensor parallelism adds 4 ring all-reduces of ``s·b·h`` per layer and microbatch
+inside a node; pipeline parallelism sends activations and their gradients across each stage boundary;
+FSDP adds an all-gather in forward and backward and a reduce-scatter of every parameter shard, over the
+link the data-parallel group spans (hybrid: shard inside a node, all-reduce across nodes). Every
+collective or send also pays a fixed latency (10 µs in a node, 30 µs across nodes). Communication is not
+assumed to overlap compute. Tensor parallelism is kept inside a node.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from lightning_mp.planner.inputs import BYTES, PARAM_BYTES, Cluster, Layout, ModelShape
+from lightning_mp.planner.memory import stage_parts, state_bytes
+
+
+@dataclass
+class StepTime:
+    compute: float = 0.0
+    bubble: float = 0.0
+    tensor_comm: float = 0.0
+    pipeline_comm: float = 0.0
+    data_comm: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.compute + self.bubble + self.tensor_comm + self.pipeline_comm + self.data_comm
+
+
+def bubble_fraction(layout: Layout) -> float:
+    if layout.pipeline == 1:
+        return 0.0
+    v = 1 if layout.schedule in ("gpipe", "1f1b") else 2
+    return (layout.pipeline - 1) / (v * layout.microbatches + layout.pipeline - 1)
+
+
+# Kernels on few tokens run far below peak: efficiency tokens / (tokens + HALF_EFFICIENCY_TOKENS) per device
+# and microbatch (half of peak at 2,048 tokens of one device's share). Fixed cost per collective / send.
+HALF_EFFICIENCY_TOKENS = 2048
+LATENCY_INTRA_S = 10e-6
+LATENCY_INTER_S = 30e-6
+
+
+def step_time(model: ModelShape, layout: Layout, cluster: Cluster, global_batch: int, seq: int,
+              precision: str = "bf16-mixed") -> StepTime:
+    tokens = global_batch * seq
+    factor = 8 if layout.activation_checkpointing else 6
+    flops = factor * model.parameters() * tokens + 12 * model.layers * seq * seq * model.hidden * global_batch
+    local_batch = global_batch // layout.data
+    microbatch_tokens = local_batch / layout.microbatches * seq / layout.tensor  # one device's share
+    efficiency = microbatch_tokens / (microbatch_tokens + HALF_EFFICIENCY_TOKENS)
+    compute = flops / (cluster.world_size * cluster.flops * cluster.mfu * efficiency)
+    bubble = compute * bubble_fraction(layout) / (1 - bubble_fraction(layout))
+    element = BYTES[precision]
+    layers_here = max(p["layers"] for p in stage_parts(model, layout))
+    tensor_comm = 0.0
+    if layout.tensor > 1:  # 2 all-reduces forward, 2 backward per layer and microbatch, inside a node
+        volume = 4 * layers_here * local_batch * seq * model.hidden * element
+        calls = 4 * layers_here * layout.microbatches
+        tensor_comm = (2 * (layout.tensor - 1) / layout.tensor * volume / (cluster.intra_node_gbps * 1e9)
+                       + calls * LATENCY_INTRA_S)
+    pipeline_comm = 0.0
+    if layout.pipeline > 1:  # activations forward, their gradients backward, at every stage boundary
+        stages_here = 1 if layout.schedule in ("gpipe", "1f1b") else 2
+        crosses = layout.tensor * layout.pipeline > cluster.devices_per_node
+        link, latency = ((cluster.inter_node_gbps, LATENCY_INTER_S) if crosses
+                         else (cluster.intra_node_gbps, LATENCY_INTRA_S))
+        volume = 2 * stages_here * local_batch * seq * model.hidden * element / layout.tensor
+        pipeline_comm = volume / (link * 1e9) + 2 * stages_here * layout.microbatches * latency
+    data_comm = 0.0
+    if layout.data > 1:
+        unsharded = max(r["parameters"] for r in state_bytes(model, replace(layout, mode="replicated"), precision))
+        gathered = unsharded * element // PARAM_BYTES[precision]  # gathered in the compute dtype
+        spans_nodes = layout.data * layout.tensor * layout.pipeline > cluster.devices_per_node
+        inter = spans_nodes and layout.mode != "hybrid"
+        link, latency = (cluster.inter_node_gbps, LATENCY_INTER_S) if inter else (cluster.intra_node_gbps, LATENCY_INTRA_S)
+        if layout.shard > 1:  # all-gather forward and backward, reduce-scatter of gradients, per block
+            data_comm += (3 * (layout.shard - 1) / layout.shard * gathered / (link * 1e9)
+                          + 3 * (layers_here + 1) * latency)
+        replicas = layout.data // max(layout.shard, 1)
+        if replicas > 1:  # all-reduce of each shard's gradients across replicas (across nodes)
+            data_comm += (2 * (replicas - 1) / replicas * gathered / layout.shard / (cluster.inter_node_gbps * 1e9)
+                          + (layers_here + 1) * LATENCY_INTER_S)
+    return StepTime(compute, bubble, tensor_comm, pipeline_comm, data_comm)

@@ -1,0 +1,40 @@
+"""Print the ranked layouts the planner considers for a model on a hypothetical cluster (nothing runs).
+
+    python recipes/plan.py model=bert-large trainer.devices=8 trainer.num_nodes=16 device_memory_gb=80
+    python recipes/plan.py model=bert-10b trainer.devices=8 trainer.num_nodes=128 batch_size=512 seq_len=512
+
+Per layout: memory per device (parameters, gradients, optimizer state, activations), estimated step
+time and, for layouts that do not qualify, why. The first row is what parallel=auto would choose.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a checkout without install
+
+from lightning_mp.planner import Cluster, choose, format_table  # noqa: E402
+from lightning_mp.tasks.ner.recipe import model_shape  # noqa: E402
+
+
+@hydra.main(config_path="../conf", config_name="plan", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    t = cfg.trainer
+    cluster = Cluster(devices_per_node=int(t.devices), num_nodes=int(t.num_nodes),
+                      device_memory_gb=float(cfg.device_memory_gb))
+    batch = int(cfg.batch_size)
+    model = model_shape(cfg)
+    best, ranked = choose(model, cluster, batch, int(cfg.seq_len), str(cfg.precision))
+    print(f"{cfg.model.name}: {model.parameters() / 1e6:,.0f}M parameters, {cluster.world_size} devices"
+          f" ({t.devices} per node × {t.num_nodes} nodes, {cfg.device_memory_gb:g} GB each), global batch {batch}"
+          f" × {cfg.seq_len} tokens, {cfg.precision}\n")
+    print(format_table(ranked, int(cfg.show)))
+    print(f"\nchosen: {best.layout.describe()}\n  ModelParallelStrategy(**{best.layout.strategy_kwargs()})")
+
+
+if __name__ == "__main__":
+    main()
