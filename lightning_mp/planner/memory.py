@@ -11,21 +11,24 @@
   layer with PyTorch's fused attention (SDPA keeps q, k, v, its output and the log-sum-exp, never the
   s × s score matrix). In elements:
 
-      layer(b, s) = s·b·h·(4 + 5/t) + 2·s·b·i/t + s·b·a/t
+      layer(b, s) = s·b·h·(4 + 4/t) + 2·s·b·i/t + s·b·a/t   (+ 4·s·b fp32 LayerNorm statistics)
 
   replicated over tensor ranks: the layer input (shared by q, k, v), two LayerNorm inputs and the FFN
-  input; split over tensor ranks: q, k, v, the attention output, the attention-out input, the FFN
-  activation's input and output, and the log-sum-exp. This is Korthikanti et al. 2022 ("Reducing
+  input; split over tensor ranks: q, k, v and the attention output (whose head-merged view is the
+  attention-out input: same storage), the FFN activation's input and output, and the log-sum-exp. This is Korthikanti et al. 2022 ("Reducing
   Activation Recomputation in Large Transformer Models", eq. 2: ``s·b·h·(10 + 24/t + 5·a·s/(h·t))``
   bytes at 16 bits) adjusted for BERT: post-LN, GELU FFN of width i, no stored attention scores with
   fused attention, and the element size of the compute dtype. Dropout (p > 0) adds one byte per element
-  for its masks: ``2·s·b·h`` per layer. With activation checkpointing a layer keeps only its input,
-  ``s·b·h`` elements, and one layer's full activations exist at a time while it is recomputed. Embeddings
-  and the head add ``s·b·(3h + labels)`` elements on the stages that hold them.
+  for its masks: ``2·s·b·h`` per layer (on CUDA; PyTorch's CPU dropout keeps a mask in the compute dtype,
+  and with attention dropout CPU attention falls back to the math kernel, which stores the s × s scores:
+  neither is modelled, the target is the GPU). With activation checkpointing a layer keeps only its input,
+  ``s·b·h`` elements, and one layer's full activations exist at a time while it is recomputed. The
+  embeddings keep their LayerNorm input and two int64 index tensors, the head its input, fp32
+  log-probabilities and the int64 labels, on the stages that hold them.
   Layers in flight: every layer of the rank's stages holds one microbatch's activations per microbatch
-  in flight: all ``m`` for GPipe, ``min(m, p)`` for 1F1B on the first stage, ``min(m, p)·(1 + (p-1)/(p·v))``
+  in flight: all ``m`` for GPipe, ``min(m, p - r)`` on stage r for 1F1B, ``min(m, p)·(1 + (p-1)/(p·v))``
   for interleaved schedules with v stages per rank (Narayanan et al. 2021), the local batch without
-  a pipeline.
+  a pipeline. The fullest rank decides.
 """
 
 from __future__ import annotations
@@ -93,30 +96,30 @@ class Memory:
 
 
 def state_bytes(model: ModelShape, layout: Layout, precision: str = "32-true") -> list[dict[str, int]]:
-    """Exact parameter / gradient / AdamW bytes of every rank, ordered by (pipeline, data shard, tensor) rank."""
+    """Exact parameter / gradient / AdamW bytes of every rank (replicas of a shard repeated), by pipeline rank,
+    data shard, tensor rank."""
     per_element = PARAM_BYTES[precision]
     ranks = []
+    replicas = layout.data // layout.shard if layout.shard else layout.data
     for part in stage_parts(model, layout):
         tensors = model.layer_tensors() * part["layers"]
         tensors += model.embedding_tensors() if part["first"] else []
         tensors += model.head_tensors() if part["last"] else []
         for d, t in itertools.product(range(layout.shard), range(layout.tensor)):
             elements = sum(_local_elements(shape, style, layout.tensor, t, layout.shard, d) for shape, style in tensors)
-            ranks.append({"parameters": elements * per_element, "gradients": elements * per_element,
-                          "optimizer": 2 * elements * per_element})
+            ranks += [{"parameters": elements * per_element, "gradients": elements * per_element,
+                       "optimizer": 2 * elements * per_element}] * replicas
     return ranks
 
 
-def in_flight(layout: Layout) -> float:
-    """Microbatches whose activations one rank holds at its peak."""
+def in_flight(layout: Layout, pipeline_rank: int = 0) -> float:
+    """Microbatches whose activations pipeline rank ``pipeline_rank`` holds at its peak."""
     m, p = layout.microbatches, layout.pipeline
-    if p == 1:
+    if p == 1 or layout.schedule == "gpipe":
         return m
-    if layout.schedule == "gpipe":
-        return m
-    if layout.schedule == "1f1b":
-        return min(m, p)
-    return min(m, p) * (1 + (p - 1) / (p * 2))
+    if layout.schedule == "1f1b":  # stage r runs p - r forwards before its first backward
+        return min(m, p - pipeline_rank)
+    return min(m, p) * (1 + (p - 1) / (p * 2))  # interleaved (Narayanan et al. 2021), every rank alike
 
 
 def activation_bytes(model: ModelShape, layout: Layout, local_batch: int, seq: int, precision: str = "32-true") -> int:
@@ -124,17 +127,19 @@ def activation_bytes(model: ModelShape, layout: Layout, local_batch: int, seq: i
     b = local_batch / layout.microbatches  # sequences per microbatch
     s, h, i, a, t = seq, model.hidden, model.intermediate, model.heads, layout.tensor
     element = BYTES[precision]
-    full_layer = (s * b * h * (4 + 5 / t) + 2 * s * b * i / t + s * b * a / t) * element
-    full_layer += 2 * s * b * h if model.dropout else 0
+    full_layer = (s * b * h * (4 + 4 / t) + 2 * s * b * i / t + s * b * a / t) * element + 4 * s * b * 4
+    full_layer += 2 * s * b * h if model.dropout else 0  # two 1-byte dropout masks
     kept_layer = s * b * h * element if layout.activation_checkpointing else full_layer
-    flight = in_flight(layout)
     worst = 0.0
-    for part in stage_parts(model, layout):
+    for rank, part in enumerate(stage_parts(model, layout)):
+        flight = in_flight(layout, rank)
         total = part["layers"] * kept_layer * flight
         if layout.activation_checkpointing:
             total += full_layer  # the layer being recomputed
-        total += (3 * s * b * h * element * flight) if part["first"] else 0
-        total += (s * b * model.labels * 4 * flight) if part["last"] else 0  # fp32 logits for the loss
+        # Embeddings: the LayerNorm input and two index tensors; head: its input, fp32 log-probabilities, labels.
+        total += (s * b * h * element + 2 * s * b * 8) * flight if part["first"] else 0
+        total += (s * b * h * element + s * b * model.labels * 4 + s * b * 8) * flight if part["last"] else 0
+        total += (s * b * h if model.dropout else 0) * flight * (part["first"] + part["last"])
         worst = max(worst, total)
     return int(worst)
 
