@@ -101,3 +101,35 @@ def test_memory_model_matches_real_jobs():
     for row in rows:
         assert row["state_exact"], (row["layout"], row["predicted"]["state_per_rank"], row["measured"]["state_per_rank"])
         assert 0.85 <= row["peak_ratio"] <= 1.15, (row["layout"], row["peak_ratio"])
+
+
+def test_strategy_auto_layout_is_chosen_from_the_model_before_launch():
+    import lightning as L
+    from tiny_bert import TinyBertModule
+
+    from lightning_mp import ModelParallelStrategy
+
+    with pytest.raises(ValueError, match="layout='auto' needs global_batch_size"):
+        ModelParallelStrategy(layout="auto", sequence_length=12)
+    with pytest.raises(ValueError, match="layout='fast': use 'manual'"):
+        ModelParallelStrategy(layout="fast")
+    strategy = ModelParallelStrategy(layout="auto", global_batch_size=16, sequence_length=12, device_memory_gb=16)
+    L.Trainer(accelerator="cpu", devices=4, strategy=strategy, logger=False)  # no model yet: nothing decided
+    with pytest.raises(RuntimeError, match="decided when the model is connected"):
+        _ = strategy.mesh_shape
+    strategy.check_model(TinyBertModule(layers=4))  # what the launcher does before starting any process
+    shape = strategy.mesh_shape
+    assert shape.world_size == 4 and shape.tensor in (1, 2, 4)
+    assert strategy.parallel_config.tensor_parallel_size == shape.tensor
+
+
+def test_recipe_parallel_auto_gives_a_valid_layout(capsys):
+    from hydra import compose, initialize_config_dir
+
+    from lightning_mp.tasks.ner.recipe import check_config, parallel_config
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("ner_bert", overrides=["parallel=auto", "trainer.devices=4", "model=bert-tiny"])
+    check_config(cfg)
+    assert "parallel=auto: dp=" in capsys.readouterr().out
+    assert parallel_config(cfg).resolve(4, 4).world_size == 4
