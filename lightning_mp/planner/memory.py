@@ -38,6 +38,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from lightning_mp.parallel.pipeline import stage_indices, stages_per_rank
 from lightning_mp.parallel.pipeline_split import balance_split
 from lightning_mp.planner.inputs import BYTES, PARAM_BYTES, Layout, ModelShape
 
@@ -62,16 +63,15 @@ def _local_elements(shape: tuple[int, ...], style: str, tensor: int, t: int, sha
 def stage_parts(model: ModelShape, layout: Layout) -> list[dict[str, Any]]:
     """Per pipeline rank: which layers it holds and whether it holds the embeddings / the head, split as
     the strategy splits (balanced by parameter counts)."""
-    per_rank = 1 if layout.schedule in ("gpipe", "1f1b") or layout.pipeline == 1 else 2
-    stages = layout.pipeline * per_rank
+    schedule = layout.schedule if layout.pipeline > 1 else "1f1b"
+    stages = layout.pipeline * stages_per_rank(schedule)
     count = lambda tensors: float(sum(math.prod(s) for s, _ in tensors))  # noqa: E731
     points = balance_split([count(model.layer_tensors())] * model.layers, stages,
                            count(model.embedding_tensors()), count(model.head_tensors()))
     bounds = [*points, model.layers]
     ranks = []
     for rank in range(layout.pipeline):
-        held = [rank] if per_rank == 1 else (
-            [rank, 2 * layout.pipeline - 1 - rank] if layout.schedule == "zbv_zero_bubble" else [rank, rank + layout.pipeline])
+        held = stage_indices(rank, layout.pipeline, schedule)
         ranks.append({"layers": sum(bounds[s + 1] - bounds[s] for s in held), "first": 0 in held,
                       "last": stages - 1 in held, "stages": len(held)})
     return ranks
