@@ -177,9 +177,14 @@ def worker(name: str, out: str) -> None:
 def measure(name: str) -> dict:
     out = RESULTS / f".planner_memory.{name}.tmp"
     RESULTS.mkdir(exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    # A clean launch: variables left by an earlier in-process Trainer would make the job think torchrun
+    # started it as one rank of a bigger world, and wait for the others forever.
+    launch = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK", "GROUP_RANK", "MASTER_ADDR",
+              "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in launch}
+    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     proc = subprocess.run([sys.executable, __file__, "--worker", name, "--out", str(out)], capture_output=True,
-                          text=True, env=env, timeout=600)
+                          text=True, env=env, timeout=300)
     if proc.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")
     ranks = json.loads(out.read_text())
