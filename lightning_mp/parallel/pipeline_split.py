@@ -329,7 +329,3 @@ def build_rank_modules(model: nn.Module, plan: ModelPlan, stage_blocks_of: dict[
         for index in indices
     ]
     return shell, stages
-
-
-def stage_role(module: nn.Module) -> Optional[StageRole]:
-    return getattr(module, "_pipeline_role", None)
