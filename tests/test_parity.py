@@ -55,3 +55,13 @@ def test_unweighted_loss_is_a_mean_of_means(tmp_path, reference_runs):
     reference = reference_runs()
     result = run_worker(tmp_path, devices=2, layout={"data_parallel_size": 2, "token_weighted_loss": False})
     assert abs(result["losses"][0] - reference["losses"][0]) > 1e-4
+
+
+def test_logged_epoch_means_match_under_data_parallelism(tmp_path, reference_runs):
+    """val_loss is averaged over the epoch from per-rank values: they must be the token-weighted global
+    ones, or ranks holding fewer labelled tokens count as much as the others (22 validation rows)."""
+    extra = ("--layers", "4", "--validate")
+    reference = reference_runs(*extra)
+    result = run_worker(tmp_path, devices=2, layout={"data_parallel_size": 2}, extra=extra)
+    assert result["validation"]["val_loss"] == pytest.approx(reference["validation"]["val_loss"], abs=FP32_TOLERANCE)
+    assert result["validation"]["val_accuracy"] == pytest.approx(reference["validation"]["val_accuracy"], abs=1e-6)
