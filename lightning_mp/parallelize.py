@@ -100,16 +100,26 @@ def parallelize(module: nn.Module, planned: Optional[PlannedModel], mesh: Device
     if mesh[PIPELINE].size() > 1:
         assert planned is not None
         return _parallelize_pipeline(module, planned, mesh, dp_mesh, config, policy, device, split_points)
-    model, plan = (planned.model, planned.plan) if planned is not None else (None, ModelPlan())
+    if planned is None:
+        _apply_axes(module, None, [], ModelPlan(), mesh, dp_mesh, config, policy)
+    else:
+        blocks = list(planned.model.get_submodule(planned.plan.blocks)) if planned.plan.blocks else []
+        # The LightningModule itself is never made an FSDP unit: that would change its class.
+        _apply_axes(module, None if planned.model is module else planned.model, blocks, planned.plan, mesh, dp_mesh,
+                    config, policy)
+    return None
+
+
+def _apply_axes(root: nn.Module, model: Optional[nn.Module], blocks: list[nn.Module], plan: ModelPlan,
+                mesh: DeviceMesh, dp_mesh: Optional[DeviceMesh], config: ParallelConfig, policy: Any) -> None:
+    """Tensor parallelism on ``model``, activation checkpointing of ``blocks``, then FSDP: one unit per
+    block, then ``model``, then whatever in ``root`` still holds parameters."""
     if model is not None:
         apply_tensor_parallel(model, mesh[TENSOR], plan.tensor_parallel)
-    blocks = list(model.get_submodule(plan.blocks)) if model is not None and plan.blocks else []
     if config.activation_checkpointing:
         apply_activation_checkpointing(blocks)
     if dp_mesh is not None:
-        # The LightningModule itself is never made an FSDP unit: that would change its class.
-        apply_fsdp(module, None if model is module else model, blocks, dp_mesh, policy)
-    return None
+        apply_fsdp(root, model, blocks, dp_mesh, policy)
 
 
 def _parallelize_pipeline(module: nn.Module, planned: PlannedModel, mesh: DeviceMesh, dp_mesh: Optional[DeviceMesh],
@@ -118,13 +128,8 @@ def _parallelize_pipeline(module: nn.Module, planned: PlannedModel, mesh: Device
     plan = planned.plan
 
     def parallelize_stage(stage: nn.Module) -> None:
-        apply_tensor_parallel(stage, mesh[TENSOR], plan.tensor_parallel)
-        blocks = stage_blocks(stage, plan)
-        if config.activation_checkpointing:
-            apply_activation_checkpointing(blocks)
-        if dp_mesh is not None:
-            # The stage module is the FSDP root: torch's PipelineStage drives its gradient reduction.
-            apply_fsdp(stage, stage, blocks, dp_mesh, policy)
+        # The stage module is the FSDP root: torch's PipelineStage drives its gradient reduction.
+        _apply_axes(stage, stage, stage_blocks(stage, plan), plan, mesh, dp_mesh, config, policy)
 
     runtime = build_pipeline(
         planned.model, plan, mesh[PIPELINE], config.pipeline_schedule, config.microbatches or mesh[PIPELINE].size(),

@@ -169,8 +169,7 @@ def _get(model: nn.Module, path: str) -> Optional[nn.Module]:
 
 
 def _block_list(model: nn.Module, plan: ModelPlan) -> list[nn.Module]:
-    container = model.get_submodule(plan.blocks)  # type: ignore[arg-type]
-    return list(container.values()) if isinstance(container, nn.ModuleDict) else list(container)
+    return list(_blocks_by_index(model.get_submodule(plan.blocks)).values())  # type: ignore[arg-type]
 
 
 def stage_blocks(stage_module: nn.Module, plan: ModelPlan) -> list[nn.Module]:
