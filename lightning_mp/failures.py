@@ -13,6 +13,12 @@ rendezvous store (the c10d store every rank already reaches, through a clone of 
 
 If the store itself is gone, the thread stops quietly: rank 0 hosts it and also leaves it when a job ends
 normally, and the collectives of a job whose rank 0 died fail by themselves.
+
+The thread must never be inside a store call when the interpreter shuts down: Python ends a daemon thread
+that comes back from C++ during shutdown by unwinding it through pybind11's GIL guard, which aborts the
+whole process ("terminate called without an active exception", exit code -6) after a successful run. So
+the strategy stops the watch when the Trainer tears down, and ``stop`` waits for as long as one store call
+can take.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import torch.distributed as dist
 _FAILURE = "lightning_mp/failure"
 _HEARTBEAT = "lightning_mp/heartbeat/{rank}"
 _EXIT_CODE = 1
+_STORE_CALL_TIMEOUT = timedelta(seconds=10)
 
 
 def _lost_a_peer(error: BaseException) -> bool:
@@ -53,6 +60,7 @@ class FailureWatch:
         self._thread: Optional[threading.Thread] = None
         self._reported_here = False
         self._reported_at = 0.0
+        self._exit_hook_registered = False
 
     def start(self) -> None:
         if self._thread is not None or not dist.is_initialized() or dist.get_world_size() == 1:
@@ -64,15 +72,25 @@ class FailureWatch:
         self._thread = threading.Thread(target=self._watch, args=(store.clone(),), name="lightning_mp-failure-watch",
                                         daemon=True)
         self._thread.start()
-        atexit.register(self.stop)  # a normal exit is not a failure, whatever the store does then
+        if not self._exit_hook_registered:  # a backstop: the strategy's teardown normally stops it first
+            atexit.register(self.stop)
+            self._exit_hook_registered = True
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
     def stop(self) -> None:
-        """End the watch thread and wait for it: a thread still inside a store call while the interpreter
-        shuts down can abort the process."""
+        """End the watch thread and wait for it (see the module's docstring for why waiting matters).
+
+        A rank that reported its own failure keeps its watch: it ends the process if unwinding hangs."""
+        if self._reported_here:
+            return
         self._stop.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=5 * self.interval)
-        self._thread = None
+        thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            # At most the calls of one round (three) can be under way, each bounded by the store timeout.
+            thread.join(timeout=3 * _STORE_CALL_TIMEOUT.total_seconds() + self.interval)
 
     def report(self, error: BaseException) -> None:
         """Record this rank's failure for the others (call before the process unwinds)."""
@@ -112,7 +130,7 @@ class FailureWatch:
         return silent
 
     def _watch(self, store: dist.Store) -> None:
-        store.set_timeout(timedelta(seconds=max(10.0, 3 * self.interval)))
+        store.set_timeout(_STORE_CALL_TIMEOUT)
         heartbeat = _HEARTBEAT.format(rank=self._rank)
         while not self._stop.wait(self.interval):
             if self._reported_here:
@@ -123,7 +141,7 @@ class FailureWatch:
                 continue
             try:
                 store.set(heartbeat, str(time.time()))
-                if not store.check([_FAILURE]):
+                if self._stop.is_set() or not store.check([_FAILURE]):
                     continue
                 message = store.get(_FAILURE).decode()
             except Exception:

@@ -391,6 +391,7 @@ class ModelParallelStrategy(CheckpointHooks, ParallelStrategy):
 
     def teardown(self) -> None:
         assert self.cluster_environment is not None and self.accelerator is not None
+        self._failure_watch.stop()
         self.cluster_environment.teardown()
         self.precision_plugin.teardown()
         self.accelerator.teardown()

@@ -26,6 +26,7 @@ def test_torchrun_single_node(tmp_path, reference_runs):
     reference = reference_runs()
     assert result["losses"] == pytest.approx(reference["losses"], abs=1e-5)
     assert max_weight_difference(result["state_dict"], reference["state_dict"]) < 1e-5
+    assert result["failure_watch_running"] == [False, False]
 
 
 def test_torchrun_two_nodes(tmp_path, reference_runs):
