@@ -4,6 +4,7 @@ process group cleanly at exit."""
 from __future__ import annotations
 
 import atexit
+import time
 from typing import Any, Optional
 
 import lightning.pytorch as pl
@@ -11,14 +12,25 @@ from lightning.fabric.utilities.distributed import _destroy_dist_connection
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 
 _exit_hook_registered = False
+# How long the interpreter leaves the GIL to the process groups' worker threads before it shuts down.
+_SETTLE_SECONDS = 0.25
+
+
+def _end_process_groups() -> None:
+    _destroy_dist_connection()
+    # A gloo worker thread drops its reference to a finished collective's tensors only after the caller has
+    # seen the result, and that drop needs the GIL (the tensors have Python objects). A job whose last act
+    # is a collective can reach interpreter shutdown first; Python then ends the waiting thread by unwinding
+    # it through a noexcept destructor, which aborts the process ("terminate called without an active
+    # exception", SIGABRT) after training succeeded. destroy_process_group does not stop those threads
+    # (the device mesh still references its groups), so hand them the GIL for a moment instead.
+    time.sleep(_SETTLE_SECONDS)
 
 
 def destroy_process_group_at_exit() -> None:
-    # A process group still alive when the interpreter exits can abort it from gloo's worker threads
-    # ("terminate called without an active exception", exit code -6) after training succeeded.
     global _exit_hook_registered
     if not _exit_hook_registered:
-        atexit.register(_destroy_dist_connection)
+        atexit.register(_end_process_groups)
         _exit_hook_registered = True
 
 
