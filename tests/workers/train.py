@@ -95,8 +95,9 @@ def main() -> None:
         torch.distributed.all_gather_object(gathered, result["local_bytes"])
         result["bytes_per_rank"] = gathered
         # The failure watch must be gone once the Trainer is done (a store call at shutdown aborts the process).
-        torch.distributed.all_gather_object(gathered, trainer.strategy._failure_watch.running)
-        result["failure_watch_running"] = gathered
+        watch_running = [None] * trainer.world_size
+        torch.distributed.all_gather_object(watch_running, trainer.strategy._failure_watch.running)
+        result["failure_watch_running"] = watch_running
     elif args.strategy == "lightning":
         from lightning_mp.checkpoint import model_state
 
