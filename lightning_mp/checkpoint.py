@@ -20,8 +20,10 @@ entries; a truncated or corrupted file is reported with its path.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -154,6 +156,18 @@ def _replace(staging: Path, path: Path) -> None:
         os.replace(staging, path)
 
 
+@contextlib.contextmanager
+def single_process_when_alone():
+    """torch.distributed.checkpoint run by one process without a process group (convert, a plain module):
+    that is what we mean there, so torch's warning that it is "assuming" so would only alarm the user."""
+    if dist.is_initialized():  # a real job: leave the (process-global) warning filters alone
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"torch\.distributed is .*assuming the intent is to")
+        yield
+
+
 def save_full(checkpoint: dict[str, Any], path: Path) -> None:
     """One file, written by the caller (rank 0) only."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -174,7 +188,8 @@ def save_sharded(checkpoint: dict[str, Any], path: Path, is_rank_zero: bool, bar
             shutil.rmtree(staging)
         staging.mkdir(parents=True)
     barrier()
-    dcp.save(tensors, checkpoint_id=staging)  # returns on rank 0 once every rank's files and .metadata exist
+    with single_process_when_alone():  # returns on rank 0 once every rank's files and .metadata exist
+        dcp.save(tensors, checkpoint_id=staging)
     if is_rank_zero:
         torch.save(checkpoint, staging / META_FILE)
         _replace(staging, path)
@@ -281,7 +296,8 @@ def load_into(path: Path, model: nn.Module, optimizers: list[Optimizer], strict:
                           f"optimizer {index}", strict=False)
             state[f"optimizer_{index}"] = wanted
         try:
-            dcp.load(state, checkpoint_id=path)
+            with single_process_when_alone():
+                dcp.load(state, checkpoint_id=path)
             rest = torch.load(path / META_FILE, weights_only=bool(weights_only))
         except (Exception, CheckpointException) as error:  # CheckpointException is a BaseException
             raise CheckpointMismatchError(f"cannot read the sharded checkpoint {path}: {_last_line(error)}") from error

@@ -30,6 +30,7 @@ from lightning_mp.checkpoint import (
     is_sharded_checkpoint,
     read_full,
     save_full,
+    single_process_when_alone,
 )
 
 
@@ -61,7 +62,8 @@ def full_to_sharded(source: str | Path, target: str | Path) -> Path:
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
-    dcp.save(tensors, checkpoint_id=staging, no_dist=True)
+    with single_process_when_alone():
+        dcp.save(tensors, checkpoint_id=staging, no_dist=True)
     torch.save(checkpoint, staging / META_FILE)
     _replace(staging, target)
     return target

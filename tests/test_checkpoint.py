@@ -14,10 +14,12 @@ import re
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed.checkpoint
 from conftest import WORKERS, clean_env, max_weight_difference
 
 sys.path.insert(0, str(WORKERS))
@@ -170,6 +172,22 @@ def test_an_interrupted_save_is_never_taken_for_a_checkpoint(tmp_path):
     save_full({"state_dict": tiny_module().state_dict()}, path)
     save_full({"state_dict": tiny_module().state_dict(), "epoch": 7}, path)
     assert torch.load(path, weights_only=False)["epoch"] == 7 and not list(tmp_path.glob(".model.ckpt*"))
+
+
+def test_one_process_without_a_process_group_converts_and_loads_without_torch_warnings(tmp_path):
+    # Converting or loading in one process is what these paths are for; torch's "assuming the intent is to
+    # save in a single process" would read as if something went wrong.
+    full = tmp_path / "model.ckpt"
+    save_full({"state_dict": tiny_module().state_dict()}, full)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sharded = full_to_sharded(full, tmp_path / "sharded")
+        load_into(sharded, tiny_module(), [], strict=True)
+        sharded_to_full(sharded, tmp_path / "back.ckpt")
+    assert [str(w.message) for w in caught if "torch.distributed" in str(w.message)] == []
+    # ... and the filter is scoped: nothing outside these calls is silenced.
+    with pytest.warns(UserWarning, match="assuming the intent is to save"):
+        torch.distributed.checkpoint.save({"x": torch.zeros(2)}, checkpoint_id=tmp_path / "raw")
 
 
 def test_convert_refuses_to_overwrite(tmp_path, capsys):
