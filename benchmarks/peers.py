@@ -4,7 +4,7 @@
     python benchmarks/peers.py --accelerator gpu    # same on GPUs (NCCL)
 
 Peers: Lightning's ModelParallelStrategy with the equivalent hand-written ``configure_model`` (for
-dp × tp and pure dp), and DDPStrategy (pure dp). Reported: median step time relative to ours, and the
+dp × tp and pure dp), and DDPStrategy (pure dp, against our fully sharded and our replicated mode). Reported: median step time relative to ours, and the
 per-rank bytes of parameters + optimizer state and peak resident memory. Absolute times on a shared
 2-core machine are noise; ratios from the same run are what to read.
 """
@@ -28,6 +28,9 @@ CASES = [
     ("dp2", 2, "lightning_mp", {"data_parallel_size": 2}),
     ("dp2", 2, "lightning", {"data_parallel_size": 2, "tensor_parallel_size": 1}),
     ("dp2", 2, "ddp", {}),
+    # Our replicated mode is the like-for-like peer of DDP: same state per rank, no all-gathers.
+    ("dp2-repl", 2, "lightning_mp", {"data_parallel_size": 2, "data_parallel_mode": "replicated"}),
+    ("dp2-repl", 2, "ddp", {}),
 ]
 
 
@@ -41,6 +44,12 @@ def worker(args: argparse.Namespace) -> None:
     from transformers import BertConfig, BertForTokenClassification
 
     from lightning_mp.memory import local_state_bytes
+    from lightning_mp.processes import destroy_process_group_at_exit
+
+    # Every peer's job ends with a collective (the all_gather_object below); on gloo that can abort the process
+    # at interpreter shutdown (see lightning_mp.processes). Our strategy registers this hook itself; the peers
+    # get it here so that a run measures them instead of failing after the measurement.
+    destroy_process_group_at_exit()
 
     config = BertConfig(vocab_size=8000, hidden_size=args.hidden, num_hidden_layers=args.layers,
                         num_attention_heads=8, intermediate_size=4 * args.hidden, num_labels=9)
@@ -123,6 +132,8 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--only", nargs="+", metavar="LAYOUT", choices=sorted({case[0] for case in CASES}),
+                        help="run only these layouts (default: all)")
     parser.add_argument("--json", default=str(Path(__file__).parent / "results" / "peers.json"))
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--strategy", help=argparse.SUPPRESS)
@@ -138,6 +149,8 @@ def main() -> None:
               "--batch", str(args.batch), "--seq", str(args.seq), "--hidden", str(args.hidden),
               "--layers", str(args.layers)]
     for name, devices, strategy, layout in CASES:
+        if args.only and name not in args.only:
+            continue
         out = Path(args.json).with_suffix(f".{name}.{strategy}.tmp")
         cmd = [sys.executable, __file__, "--worker", "--strategy", strategy, "--devices", str(devices),
                "--layout", json.dumps(layout), "--out", str(out), *shared]
@@ -155,11 +168,11 @@ def main() -> None:
         base = ours[row["layout"]]
         row["step_time_vs_ours"] = row["median_step_s"] / base["median_step_s"]
         row["state_vs_ours"] = row["state_mib_per_rank"] / base["state_mib_per_rank"]
-    header = f"{'layout':9} {'strategy':13} {'step s':>8} {'÷ ours':>7} {'state MiB/rank':>15} {'÷ ours':>7} {'peak RSS MiB':>13}"
+    header = f"{'layout':10} {'strategy':13} {'step s':>8} {'÷ ours':>7} {'state MiB/rank':>15} {'÷ ours':>7} {'peak RSS MiB':>13}"
     print(header)
     print("-" * len(header))
     for row in rows:
-        print(f"{row['layout']:9} {row['strategy']:13} {row['median_step_s']:8.3f} {row['step_time_vs_ours']:7.2f}"
+        print(f"{row['layout']:10} {row['strategy']:13} {row['median_step_s']:8.3f} {row['step_time_vs_ours']:7.2f}"
               f" {row['state_mib_per_rank']:15.2f} {row['state_vs_ours']:7.2f} {row['peak_rss_mib_per_rank']:13.0f}")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"settings": vars(args), "rows": rows}, indent=2))
