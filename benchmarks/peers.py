@@ -4,9 +4,10 @@
     python benchmarks/peers.py --accelerator gpu    # same on GPUs (NCCL)
 
 Peers: Lightning's ModelParallelStrategy with the equivalent hand-written ``configure_model`` (for
-dp × tp and pure dp), and DDPStrategy (pure dp, against our fully sharded and our replicated mode). Reported: median step time relative to ours, and the
-per-rank bytes of parameters + optimizer state and peak resident memory. Absolute times on a shared
-2-core machine are noise; ratios from the same run are what to read.
+dp × tp and pure dp), and DDPStrategy (pure dp, against our fully sharded and our replicated mode).
+Reported: median step time relative to ours, and the per-rank bytes of parameters + optimizer state and
+peak resident memory. Absolute times on a shared 2-core machine are noise; ratios from the same run are
+what to read.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ CASES = [
     ("dp2", 2, "lightning_mp", {"data_parallel_size": 2}),
     ("dp2", 2, "lightning", {"data_parallel_size": 2, "tensor_parallel_size": 1}),
     ("dp2", 2, "ddp", {}),
-    # Our replicated mode is the like-for-like peer of DDP: same state per rank, no all-gathers.
+    # Our replicated mode is the like-for-like peer of DDP: the same state per rank, no parameter traffic
+    # (FSDP2 still copies parameters through its size-1 shard group; see the README's numbers).
     ("dp2-repl", 2, "lightning_mp", {"data_parallel_size": 2, "data_parallel_mode": "replicated"}),
     ("dp2-repl", 2, "ddp", {}),
 ]

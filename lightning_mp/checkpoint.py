@@ -157,7 +157,7 @@ def _replace(staging: Path, path: Path) -> None:
 
 
 @contextlib.contextmanager
-def single_process_when_alone():
+def without_single_process_warning():
     """torch.distributed.checkpoint run by one process without a process group (convert, a plain module):
     that is what we mean there, so torch's warning that it is "assuming" so would only alarm the user."""
     if dist.is_initialized():  # a real job: leave the (process-global) warning filters alone
@@ -188,8 +188,8 @@ def save_sharded(checkpoint: dict[str, Any], path: Path, is_rank_zero: bool, bar
             shutil.rmtree(staging)
         staging.mkdir(parents=True)
     barrier()
-    with single_process_when_alone():  # returns on rank 0 once every rank's files and .metadata exist
-        dcp.save(tensors, checkpoint_id=staging)
+    with without_single_process_warning():
+        dcp.save(tensors, checkpoint_id=staging)  # returns on rank 0 once every rank's files and .metadata exist
     if is_rank_zero:
         torch.save(checkpoint, staging / META_FILE)
         _replace(staging, path)
@@ -296,7 +296,7 @@ def load_into(path: Path, model: nn.Module, optimizers: list[Optimizer], strict:
                           f"optimizer {index}", strict=False)
             state[f"optimizer_{index}"] = wanted
         try:
-            with single_process_when_alone():
+            with without_single_process_warning():
                 dcp.load(state, checkpoint_id=path)
             rest = torch.load(path / META_FILE, weights_only=bool(weights_only))
         except (Exception, CheckpointException) as error:  # CheckpointException is a BaseException

@@ -30,7 +30,7 @@ from lightning_mp.checkpoint import (
     is_sharded_checkpoint,
     read_full,
     save_full,
-    single_process_when_alone,
+    without_single_process_warning,
 )
 
 
@@ -62,7 +62,7 @@ def full_to_sharded(source: str | Path, target: str | Path) -> Path:
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
-    with single_process_when_alone():
+    with without_single_process_warning():
         dcp.save(tensors, checkpoint_id=staging, no_dist=True)
     torch.save(checkpoint, staging / META_FILE)
     _replace(staging, target)
