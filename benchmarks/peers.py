@@ -45,8 +45,8 @@ def worker(args: argparse.Namespace) -> None:
     from torch.utils.data import DataLoader, TensorDataset
     from transformers import BertConfig, BertForTokenClassification
 
-    from lightning_mp.memory import local_state_bytes
-    from lightning_mp.processes import destroy_process_group_at_exit
+    from lightning_mp.planner.measure import local_state_bytes
+    from lightning_mp.processes.launch import destroy_process_group_at_exit
 
     # Every peer's job ends with a collective (the all_gather_object below); on gloo that can abort the process
     # at interpreter shutdown (see lightning_mp.processes). Our strategy registers this hook itself; the peers

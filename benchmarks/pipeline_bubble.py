@@ -4,7 +4,7 @@
     python benchmarks/pipeline_bubble.py --p 2 --m 4 8   # a subset
 
 For each (p ranks, m microbatches, schedule) a job of p ranks trains a BERT (8 layers) for a few steps
-with ``lightning_mp.parallel.pipeline`` and measures, per rank:
+with ``lightning_mp.pipeline.runtime`` and measures, per rank:
 
 - bubble: ``1 - busy / step time``, where busy is the time spent inside the stage's forward and backward
   computations (torch's ``forward_one_chunk`` / ``backward_one_chunk`` / ``backward_weight_one_chunk``),
@@ -50,7 +50,7 @@ def worker(args: argparse.Namespace) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from transformers import BertConfig, BertForTokenClassification
 
-    from lightning_mp.parallel.pipeline import build_pipeline
+    from lightning_mp.pipeline.runtime import build_pipeline
     from lightning_mp.plans import find_plan
 
     torch.set_num_threads(1)
@@ -118,7 +118,9 @@ def worker(args: argparse.Namespace) -> None:
         busy[0] = 0.0
         start = time.perf_counter()
         with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-            runtime.train_step(inputs, labels)
+            # Every token is labelled: each microbatch's share of the batch mean is its mean / m.
+            runtime.run(inputs, labels, lambda logits, target: nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), target.reshape(-1)) / args.m)
         elapsed = time.perf_counter() - start
         optimizer.step()
         optimizer.zero_grad()

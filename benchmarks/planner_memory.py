@@ -76,7 +76,7 @@ def worker(name: str, out: str) -> None:
     from transformers import BertConfig, BertForTokenClassification
 
     from lightning_mp import ModelParallelStrategy
-    from lightning_mp.memory import local_state_bytes
+    from lightning_mp.planner.measure import local_state_bytes
 
     devices, kwargs = LAYOUTS[name]
     config = BertConfig(vocab_size=SHAPE["vocab"], hidden_size=SHAPE["hidden"], num_hidden_layers=SHAPE["layers"],

@@ -19,6 +19,50 @@ Size = Union[int, Literal["auto"]]
 
 
 @dataclass(frozen=True)
+class Precision:
+    """What a Lightning precision means for sharding and for the planner's byte counts."""
+
+    compute_bytes: int  # activations and gathered parameters
+    parameter_bytes: int  # stored parameters, gradients (and each optimizer tensor)
+    mixed_dtype: str | None = None  # "-mixed": FSDP gathers parameters in this dtype, reduces gradients in fp32
+
+
+PRECISIONS = {
+    "32-true": Precision(4, 4),
+    "bf16-mixed": Precision(2, 4, "bfloat16"),
+    "bf16-true": Precision(2, 2),
+    "16-mixed": Precision(2, 4, "float16"),
+    "16-true": Precision(2, 2),
+}
+
+
+def check_precision(precision: str, pipeline_parallel_size: int = 1) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r} is not supported by lightning_mp; choose one of {', '.join(PRECISIONS)}.")
+    if precision == "16-mixed" and pipeline_parallel_size > 1:
+        raise ValueError(
+            "precision='16-mixed' scales the loss with a GradScaler around Lightning's backward, which the"
+            " pipeline schedule replaces; with pipeline_parallel_size > 1 use 'bf16-mixed', 'bf16-true' or '32-true'."
+        )
+
+
+def stages_per_rank(schedule: str) -> int:
+    """Stages one pipeline rank holds: two for the interleaved and zero-bubble schedules, else one."""
+    if schedule not in PIPELINE_SCHEDULES:
+        raise ValueError(f"pipeline_schedule={schedule!r} is unknown; valid schedules: {', '.join(PIPELINE_SCHEDULES)}.")
+    return 2 if schedule in MULTI_STAGE_SCHEDULES else 1
+
+
+def too_few_blocks(num_stages: int, num_blocks: int, per_rank: int = 1) -> str | None:
+    """Why ``num_stages`` pipeline stages cannot split ``num_blocks`` blocks (every stage needs one), or None."""
+    if num_stages <= num_blocks:
+        return None
+    per_rank_note = f" ({per_rank} stages per rank)" if per_rank > 1 else ""
+    return (f"{num_stages} pipeline stages need at least {num_stages} blocks (one each), but the model has"
+            f" {num_blocks}; use at most {num_blocks // per_rank} pipeline ranks{per_rank_note}")
+
+
+@dataclass(frozen=True)
 class MeshShape:
     """The resolved size of every mesh dimension; their product is the world size."""
 
@@ -73,10 +117,7 @@ class ParallelConfig:
                 f"data_parallel_replicate_size={self.data_parallel_replicate_size} only applies to"
                 f" data_parallel_mode='hybrid', but the mode is {self.data_parallel_mode!r}."
             )
-        if self.pipeline_schedule not in PIPELINE_SCHEDULES:
-            raise ValueError(
-                f"pipeline_schedule={self.pipeline_schedule!r} is unknown; valid schedules: {', '.join(PIPELINE_SCHEDULES)}."
-            )
+        stages_per_rank(self.pipeline_schedule)
 
     def resolve(self, world_size: int, devices_per_node: int | None = None) -> MeshShape:
         """Fill in "auto" sizes and check that the degrees multiply to ``world_size``."""
@@ -111,24 +152,24 @@ class ParallelConfig:
         if replicate is None:
             raise ValueError(
                 "data_parallel_mode='hybrid' needs data_parallel_replicate_size (how many replicas of the"
-                f" sharded group); with data_parallel_size={dp} valid values are {_divisors(dp)}."
+                f" sharded group); with data_parallel_size={dp} valid values are {divisors(dp)}."
             )
         if dp % replicate:
             raise ValueError(
                 f"data_parallel_replicate_size={replicate} does not divide data_parallel_size={dp};"
-                f" valid values: {_divisors(dp)}."
+                f" valid values: {divisors(dp)}."
             )
         return replicate, dp // replicate
 
 
-def _divisors(n: int) -> list[int]:
+def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
 def _suggest(world_size: int, limit: int = 8) -> str:
     combos = [
         (dp, tp, pp)
-        for dp, tp, pp in itertools.product(_divisors(world_size), repeat=3)
+        for dp, tp, pp in itertools.product(divisors(world_size), repeat=3)
         if dp * tp * pp == world_size
     ]
     shown = ", ".join(f"(data={dp}, tensor={tp}, pipeline={pp})" for dp, tp, pp in combos[:limit])
@@ -141,7 +182,7 @@ def check_divisible(tensor_parallel_size: int, sizes: dict[str, int], model_name
     bad = {name: size for name, size in sizes.items() if size % tensor_parallel_size}
     if not bad:
         return
-    common = [d for d in _divisors(min(sizes.values())) if all(size % d == 0 for size in sizes.values())]
+    common = [d for d in divisors(min(sizes.values())) if all(size % d == 0 for size in sizes.values())]
     described = ", ".join(f"{name}={size}" for name, size in bad.items())
     raise ValueError(
         f"tensor_parallel_size={tensor_parallel_size} does not divide {described} of {model_name};"
@@ -149,25 +190,23 @@ def check_divisible(tensor_parallel_size: int, sizes: dict[str, int], model_name
     )
 
 
-def check_pipeline(config: ParallelConfig, num_blocks: int, global_batch_size: int | None = None) -> None:
-    """Pipeline checks that need the model (number of blocks) and, when known, the batch size."""
+def check_pipeline(config: ParallelConfig, num_blocks: int, local_batch_size: int | None = None) -> None:
+    """Pipeline checks that need the model (number of blocks) and, when known, the per-rank batch size."""
     pp = config.pipeline_parallel_size
     if pp == 1:
         return
-    stages_per_rank = 2 if config.pipeline_schedule in MULTI_STAGE_SCHEDULES else 1
-    stages = pp * stages_per_rank
-    if stages > num_blocks:
-        raise ValueError(
-            f"pipeline_parallel_size={pp} with schedule {config.pipeline_schedule!r} needs {stages} stages, but the"
-            f" model has only {num_blocks} blocks; use at most {num_blocks // stages_per_rank} pipeline ranks."
-        )
+    per_rank = stages_per_rank(config.pipeline_schedule)
+    problem = too_few_blocks(pp * per_rank, num_blocks, per_rank)
+    if problem:
+        raise ValueError(f"pipeline_parallel_size={pp} with schedule {config.pipeline_schedule!r}: {problem}.")
     microbatches = config.microbatches or pp
     if config.pipeline_schedule != "gpipe" and microbatches < pp:
         raise ValueError(
             f"microbatches={microbatches} is fewer than pipeline_parallel_size={pp}; schedule"
             f" {config.pipeline_schedule!r} needs at least {pp} microbatches."
         )
-    if global_batch_size is not None and global_batch_size % microbatches:
+    if local_batch_size is not None and local_batch_size % microbatches:
         raise ValueError(
-            f"the batch size {global_batch_size} is not divisible by microbatches={microbatches}."
+            f"the batch size per data-parallel rank, {local_batch_size}, is not divisible by microbatches={microbatches};"
+            f" use a multiple of {microbatches}."
         )

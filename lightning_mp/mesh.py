@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from lightning_mp._compat import flatten_mesh
 from lightning_mp.config import MeshShape
 
 PIPELINE = "pipeline_parallel"
@@ -31,7 +32,7 @@ def build_device_mesh(shape: MeshShape, device: torch.device) -> tuple[DeviceMes
         (shape.pipeline, shape.data_replicate, shape.data_shard, shape.tensor),
         mesh_dim_names=(PIPELINE, DATA_REPLICATE, DATA_SHARD, TENSOR),
     )
-    return mesh, mesh[(DATA_REPLICATE, DATA_SHARD)]._flatten(DATA)
+    return mesh, flatten_mesh(mesh[(DATA_REPLICATE, DATA_SHARD)], DATA)
 
 
 def fsdp_mesh(mesh: DeviceMesh) -> DeviceMesh:

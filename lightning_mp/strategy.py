@@ -14,14 +14,6 @@ from typing import Any, Generator, Literal, Optional, Sequence, Union
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
-from lightning.fabric.utilities.distributed import (
-    _distributed_is_initialized,
-    _get_default_process_group_backend_for_device,
-    _init_dist_connection,
-    _sync_ddp_if_available,
-)
-from lightning.fabric.utilities.init import _materialize_distributed_module
-from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.strategies.parallel import ParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
@@ -32,22 +24,28 @@ from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh
 from torch.optim import Optimizer
 
-from lightning_mp.checkpoint_hooks import CheckpointHooks
-from lightning_mp.config import MeshShape, ParallelConfig
-from lightning_mp.failures import FailureWatch
-from lightning_mp.loss_weighting import TokenWeighting
+from lightning_mp._compat import (
+    default_process_group_backend_for_device,
+    distributed_is_initialized,
+    init_dist_connection,
+    materialize_distributed_module,
+    optimizers_to_device,
+    set_module_device_mesh,
+    sync_ddp_if_available,
+)
+from lightning_mp.checkpoint.hooks import CheckpointHooks
+from lightning_mp.config import MeshShape, ParallelConfig, check_precision
+from lightning_mp.processes.watch import FailureWatch
+from lightning_mp.parallel.token_weighting import TokenWeighting
 from lightning_mp.mesh import build_device_mesh
 from lightning_mp.parallel.fsdp import is_parallelized
 from lightning_mp.parallel.grad_norm import clip_grad_norm_
-from lightning_mp.parallelize import PlannedModel, parallelize, resolve_plan, sync_metrics_over
-from lightning_mp.pipeline_loop import PipelineLoop, split_step_arguments
+from lightning_mp.parallel.apply import PlannedModel, parallelize, resolve_plan, sync_metrics_over
+from lightning_mp.pipeline.steps import PipelineLoop, split_step_arguments
 from lightning_mp.planner import AutoLayout
-from lightning_mp.processes import CheckModelThenLaunch, destroy_process_group_at_exit
+from lightning_mp.processes.launch import CheckModelThenLaunch, destroy_process_group_at_exit
 from lightning_mp.plans import ModelPlan, Style
-from lightning_mp.resumable import ResumableLoader
-
-SUPPORTED_PRECISION = ("32-true", "bf16-mixed", "bf16-true", "16-mixed", "16-true")
-
+from lightning_mp.checkpoint.resume import ResumableLoader
 
 class ModelParallelStrategy(CheckpointHooks, ParallelStrategy):
     """FSDP2 × tensor parallel (× pipeline) for ordinary LightningModules.
@@ -190,17 +188,7 @@ class ModelParallelStrategy(CheckpointHooks, ParallelStrategy):
             self._launcher = CheckModelThenLaunch(self, self.cluster_environment, self.num_processes, self.num_nodes)
 
     def _validate_precision(self) -> None:
-        precision = getattr(self.precision_plugin, "precision", "32-true")
-        if precision not in SUPPORTED_PRECISION:
-            raise ValueError(
-                f"{type(self).__name__} does not support precision={precision!r}; choose one of"
-                f" {', '.join(SUPPORTED_PRECISION)}."
-            )
-        if precision == "16-mixed" and self.parallel_config.pipeline_parallel_size > 1:
-            raise ValueError(
-                "precision='16-mixed' scales the loss with a GradScaler around Lightning's backward, which the"
-                " pipeline schedule replaces; with pipeline_parallel_size > 1 use 'bf16-mixed', 'bf16-true' or '32-true'."
-            )
+        check_precision(self._precision, self.parallel_config.pipeline_parallel_size)
 
     def connect(self, model: pl.LightningModule) -> None:
         super().connect(model)
@@ -227,18 +215,18 @@ class ModelParallelStrategy(CheckpointHooks, ParallelStrategy):
         super().setup_environment()
         reset_seed()
         self.set_world_ranks()
-        self._process_group_backend = self._process_group_backend or _get_default_process_group_backend_for_device(
+        self._process_group_backend = self._process_group_backend or default_process_group_backend_for_device(
             self.root_device
         )
         kwargs: dict[str, Any] = {"timeout": self._timeout}
         if self.root_device.type != "cpu":
             kwargs["device_id"] = self.root_device
-        _init_dist_connection(self.cluster_environment, self._process_group_backend, **kwargs)
+        init_dist_connection(self.cluster_environment, self._process_group_backend, **kwargs)
         destroy_process_group_at_exit()
         self._failure_watch.start()
         self._device_mesh, self._data_mesh = build_device_mesh(self.mesh_shape, self.root_device)
         assert self.lightning_module is not None
-        self.lightning_module._device_mesh = self._device_mesh  # LightningModule.device_mesh
+        set_module_device_mesh(self.lightning_module, self._device_mesh)
 
     def set_world_ranks(self) -> None:
         if self.cluster_environment is not None:
@@ -274,7 +262,7 @@ class ModelParallelStrategy(CheckpointHooks, ParallelStrategy):
             # "-true" precisions cast weights before sharding, so shards are created in the target dtype.
             self.model = self.precision_plugin.convert_module(self.model)
             self._parallelize(self.lightning_module)
-        _materialize_distributed_module(self.model, self.root_device)
+        materialize_distributed_module(self.model, self.root_device)
         sync_metrics_over(self.model, self._data_mesh.get_group())
         self.model_to_device()
         self.barrier()
@@ -284,7 +272,7 @@ class ModelParallelStrategy(CheckpointHooks, ParallelStrategy):
         self.setup_precision_plugin()
         self._route_gradient_clipping()
         if trainer.state.fn == TrainerFn.FITTING:
-            _optimizers_to_device(self.optimizers, self.root_device)
+            optimizers_to_device(self.optimizers, self.root_device)
 
     def _route_gradient_clipping(self) -> None:
         # Lightning clips inside the precision plugin with torch's clip_grad_norm_, which cannot combine
@@ -299,7 +287,7 @@ class ModelParallelStrategy(CheckpointHooks, ParallelStrategy):
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
         if trainer is None or not trainer.training or not hasattr(dataloader, "__len__"):
             return dataloader
-        # Mid-epoch checkpoints resume at the next unseen batch (see resumable.py).
+        # Mid-epoch checkpoints resume at the next unseen batch (see checkpoint/resume.py).
         progress = trainer.fit_loop.epoch_loop.batch_progress.current
         return ResumableLoader(dataloader, lambda: progress.ready)
 
@@ -368,10 +356,10 @@ class ModelParallelStrategy(CheckpointHooks, ParallelStrategy):
             return tensor
         if self._token_weighting.applies_to(reduce_op, group):
             return self._token_weighting.weighted_mean(tensor)
-        return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
+        return sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
 
     def barrier(self, name: Optional[str] = None) -> None:
-        if not _distributed_is_initialized():
+        if not distributed_is_initialized():
             return
         if torch.distributed.get_backend() == "nccl":
             torch.distributed.barrier(device_ids=[self.root_device.index])
@@ -379,14 +367,14 @@ class ModelParallelStrategy(CheckpointHooks, ParallelStrategy):
             torch.distributed.barrier()
 
     def broadcast(self, obj: Any, src: int = 0) -> Any:
-        if not _distributed_is_initialized():
+        if not distributed_is_initialized():
             return obj
         holder = [obj]
         torch.distributed.broadcast_object_list(holder, src)
         return holder[0]
 
     def on_exception(self, exception: BaseException) -> None:
-        # Tell the other ranks, which may be waiting for this one inside a collective (see failures.py).
+        # Tell the other ranks, which may be waiting for this one inside a collective (see processes/watch.py).
         self._failure_watch.report(exception)
 
     def teardown(self) -> None:

@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a checkout without install
 
-from lightning_mp.launch import launch_ranks_if_needed  # noqa: E402
+from lightning_mp.tasks.launch import launch_ranks_if_needed  # noqa: E402
 from lightning_mp.tasks.ner.recipe import check_config, run_ner  # noqa: E402
 
 

@@ -26,8 +26,9 @@ sys.path.insert(0, str(WORKERS))
 from tiny_bert import TinyBertModule, tiny_config  # noqa: E402
 from transformers import BertForTokenClassification  # noqa: E402
 
-from lightning_mp.checkpoint import CheckpointMismatchError, is_sharded_checkpoint, load_into, save_full  # noqa: E402
-from lightning_mp.convert import full_to_sharded, main as convert_main, sharded_to_full  # noqa: E402
+from lightning_mp.checkpoint.io import CheckpointMismatchError, is_sharded_checkpoint, save_full  # noqa: E402
+from lightning_mp.checkpoint.state import load_into  # noqa: E402
+from lightning_mp.checkpoint.convert import full_to_sharded, main as convert_main, sharded_to_full  # noqa: E402
 
 TOLERANCE = 1e-5
 DP2_TP2 = {"data_parallel_size": 2, "tensor_parallel_size": 2}

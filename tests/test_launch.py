@@ -52,7 +52,7 @@ def test_torchrun_two_nodes(tmp_path, reference_runs):
 LAST_ACT_IS_A_COLLECTIVE = """
 import torch, torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
-from lightning_mp.processes import destroy_process_group_at_exit
+from lightning_mp.processes.launch import destroy_process_group_at_exit
 
 dist.init_process_group("gloo")
 destroy_process_group_at_exit()
@@ -65,7 +65,7 @@ del gathered
 
 def test_a_job_whose_last_act_is_a_collective_exits_cleanly(tmp_path):
     # Without the exit hook about 1 run in 3 aborts with "terminate called without an active exception":
-    # a gloo worker thread still needs the GIL when the interpreter shuts down (see processes.py).
+    # a gloo worker thread still needs the GIL when the interpreter shuts down (see lightning_mp/processes/launch.py).
     script = tmp_path / "last_collective.py"
     script.write_text(LAST_ACT_IS_A_COLLECTIVE)
     for attempt in range(8):

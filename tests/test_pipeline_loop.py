@@ -14,8 +14,8 @@ sys.path.insert(0, str(WORKERS))
 from tiny_bert import VOCAB, tiny_config  # noqa: E402
 from transformers import BertForTokenClassification  # noqa: E402
 
-from lightning_mp.parallel.pipeline_split import build_rank_modules, build_stage_module  # noqa: E402
-from lightning_mp.pipeline_loop import PipelineLoop, _combine_logs  # noqa: E402
+from lightning_mp.pipeline.split import build_rank_modules  # noqa: E402
+from lightning_mp.pipeline.steps import PipelineLoop, _combine_logs  # noqa: E402
 from lightning_mp.plans import find_plan  # noqa: E402
 
 
@@ -49,7 +49,7 @@ def test_shell_holds_every_part_of_the_rank_and_stages_share_its_parameters():
     # Stage forward runs what the rank owns; the unsplit model is untouched.
     ids = torch.randint(1, VOCAB, (2, 6))
     hidden = stages[0](ids)
-    reference = build_stage_module(hf.eval(), plan, 0, 4, [0])(ids)
+    reference = build_rank_modules(hf.eval(), plan, {0: [0]}, 4)[1][0](ids)
     torch.testing.assert_close(hidden, reference)
     assert isinstance(hf.get_submodule(plan.blocks), torch.nn.ModuleList) and len(hf.bert.encoder.layer) == 4
 

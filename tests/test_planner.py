@@ -13,7 +13,7 @@ from conftest import WORKERS, clean_env
 from transformers import BertConfig, BertForTokenClassification
 
 from lightning_mp.config import ParallelConfig
-from lightning_mp.parallel.pipeline_split import plan_split
+from lightning_mp.pipeline.split import plan_split
 from lightning_mp.planner import Cluster, Layout, ModelShape, chunk_size, choose, stage_parts, state_bytes
 from lightning_mp.plans import find_plan
 
@@ -89,7 +89,7 @@ def test_plan_command_prints_a_ranked_table(tmp_path):
     assert "params    grads    optim    activ    total   step ms" in result.stdout
     assert "chosen: dp=" in result.stdout and "ModelParallelStrategy(**{" in result.stdout
     # One example of every kind of rejection.
-    assert "would cross nodes" in result.stdout and "exceeds the 24 layers" in result.stdout
+    assert "would cross nodes" in result.stdout and "need at least 32 blocks (one each), but the model has 24" in result.stdout
 
 
 @pytest.mark.slow

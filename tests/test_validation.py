@@ -112,8 +112,9 @@ def test_bert_plan_covers_every_layer():
 
 # ---------------------------------------------------------------- pipeline parallelism
 def test_more_pipeline_stages_than_blocks_before_launch():
-    with pytest.raises(ValueError, match=r"pipeline_parallel_size=2 with schedule 'interleaved_1f1b' needs 4 stages,"
-                                         r" but the model has only 2 blocks; use at most 1 pipeline ranks"):
+    with pytest.raises(ValueError, match=r"pipeline_parallel_size=2 with schedule 'interleaved_1f1b': 4 pipeline stages"
+                                         r" need at least 4 blocks \(one each\), but the model has 2; use at most 1"
+                                         r" pipeline ranks \(2 stages per rank\)"):
         trainer(2, pipeline_parallel_size=2, pipeline_schedule="interleaved_1f1b", microbatches=4).fit(TinyBertModule())
 
 

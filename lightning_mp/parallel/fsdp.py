@@ -1,4 +1,4 @@
-"""Data parallelism with FSDP2 (``fully_shard``), and activation checkpointing of blocks.
+"""Data parallelism with FSDP2 (``fully_shard``).
 
 One FSDP unit per block, then the model root, so each block's parameters are all-gathered just in
 time and freed after use. The same call covers the three data-parallel modes: the mesh decides
@@ -15,25 +15,15 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-# Lightning precision -> FSDP2 policy. Parameters are gathered in the compute dtype (half the traffic);
-# gradients are reduced in fp32 so that summing many shards does not lose precision.
-_MIXED = {
-    "bf16-mixed": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32),
-    "16-mixed": MixedPrecisionPolicy(param_dtype=torch.float16, reduce_dtype=torch.float32),
-}
-
+from lightning_mp.config import PRECISIONS
 
 def mixed_precision_policy(precision: str) -> MixedPrecisionPolicy:
-    return _MIXED.get(precision, MixedPrecisionPolicy())
-
-
-def apply_activation_checkpointing(blocks: Iterable[nn.Module]) -> None:
-    # The composable API recomputes a block's forward in backward without wrapping it in a new
-    # module, so parameter names (and checkpoints) stay those of the unwrapped model.
-    from torch.distributed._composable import checkpoint
-
-    for block in blocks:
-        checkpoint(block)
+    """Lightning precision -> FSDP2 policy. "-mixed": parameters are gathered in the compute dtype (half the
+    traffic) and gradients reduced in fp32, so that summing many shards does not lose precision."""
+    dtype = PRECISIONS[precision].mixed_dtype
+    if dtype is None:
+        return MixedPrecisionPolicy()
+    return MixedPrecisionPolicy(param_dtype=getattr(torch, dtype), reduce_dtype=torch.float32)
 
 
 def apply_fsdp(

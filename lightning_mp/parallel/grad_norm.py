@@ -18,6 +18,8 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
+from lightning_mp._compat import foreach_mul_, foreach_norm
+
 
 def total_grad_norm(
     parameters: Iterable[Tensor], norm_type: float = 2.0, extra_group: dist.ProcessGroup | None = None
@@ -47,7 +49,7 @@ def total_grad_norm(
     reduce_op = "max" if is_inf else "sum"
     total: Tensor | None = None
     for key, grads in groups.items():
-        norms = torch.stack([n.float() for n in torch._foreach_norm(grads, norm_type)])
+        norms = torch.stack([n.float() for n in foreach_norm(grads, norm_type)])
         local = norms.max() if is_inf else norms.pow(norm_type).sum()
         if key is not None:
             mesh, placements = layouts[key]
@@ -73,5 +75,5 @@ def clip_grad_norm_(
     coefficient = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad for p in parameters]
     if grads:
-        torch._foreach_mul_(grads, coefficient.to(grads[0].device))
+        foreach_mul_(grads, coefficient.to(grads[0].device))
     return total

@@ -6,8 +6,11 @@ import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
-BYTES = {"32-true": 4, "bf16-mixed": 2, "bf16-true": 2, "16-mixed": 2, "16-true": 2}
-PARAM_BYTES = {"32-true": 4, "bf16-mixed": 4, "bf16-true": 2, "16-mixed": 4, "16-true": 2}
+from lightning_mp.config import PRECISIONS
+
+# Bytes per element of activations / gathered parameters, and of stored parameters, per Lightning precision.
+BYTES = {name: p.compute_bytes for name, p in PRECISIONS.items()}
+PARAM_BYTES = {name: p.parameter_bytes for name, p in PRECISIONS.items()}
 
 
 @dataclass(frozen=True)

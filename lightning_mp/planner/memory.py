@@ -4,7 +4,7 @@
   it: tensor parallelism splits q/k/v, FFN-in (and their biases) on dim 0 and attention-out / FFN-out
   weights on dim 1 (``plans/bert.py``); FSDP then splits each rank's piece on dim 0 over the data-parallel
   shard ranks, with ``torch.chunk`` sizes (the last chunks may be smaller or empty); a pipeline rank holds
-  only its stages (split by ``pipeline_split.balance_split`` on parameter counts, as the strategy does).
+  only its stages (split by ``pipeline.split.balance_split`` on parameter counts, as the strategy does).
   Gradients match parameters; AdamW keeps two tensors per parameter.
 - activations: what autograd keeps for backward, per encoder layer and microbatch (b sequences of s
   tokens, hidden h, FFN width i, a heads, tensor-parallel size t), counted tensor by tensor for a BERT
@@ -35,11 +35,12 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from typing import Any
 
-from lightning_mp.parallel.pipeline import stage_indices, stages_per_rank
-from lightning_mp.parallel.pipeline_split import balance_split
+from lightning_mp.config import stages_per_rank
+from lightning_mp.pipeline.runtime import stage_indices
+from lightning_mp.pipeline.split import balance_split
 from lightning_mp.planner.inputs import BYTES, PARAM_BYTES, Layout, ModelShape
 
 
@@ -92,7 +93,7 @@ class Memory:
 
     @property
     def total(self) -> int:
-        return self.state + self.activations
+        return sum(astuple(self))
 
 
 def state_bytes(model: ModelShape, layout: Layout, precision: str = "32-true") -> list[dict[str, int]]:

@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
+from lightning_mp.config import divisors, too_few_blocks
 from lightning_mp.planner.inputs import Cluster, Layout, ModelShape, device_memory_gb
 from lightning_mp.planner.memory import Memory, memory
 from lightning_mp.planner.time import StepTime, step_time
@@ -24,16 +25,12 @@ class Candidate:
                 f" {self.time.total * 1e3:.1f} ms per step)")
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
 def candidates(model: ModelShape, cluster: Cluster, global_batch: int, seq: int,
                precision: str = "bf16-mixed") -> list[Candidate]:
     """Every layout worth considering, each with its memory, time and (if any) why it is rejected."""
     limit = cluster.device_memory_gb * 2**30 * cluster.usable_fraction
     found = []
-    for tp, pp in itertools.product(_divisors(cluster.world_size), repeat=2):
+    for tp, pp in itertools.product(divisors(cluster.world_size), repeat=2):
         if cluster.world_size % (tp * pp):
             continue
         dp = cluster.world_size // (tp * pp)
@@ -42,8 +39,8 @@ def candidates(model: ModelShape, cluster: Cluster, global_batch: int, seq: int,
             reason = f"tensor parallelism over {tp} devices would cross nodes ({cluster.devices_per_node} per node)"
         elif model.heads % tp or model.intermediate % tp:
             reason = f"tp={tp} does not divide {model.heads} heads / FFN width {model.intermediate}"
-        elif pp > model.layers:
-            reason = f"pp={pp} exceeds the {model.layers} layers"
+        elif too_few_blocks(pp, model.layers):
+            reason = too_few_blocks(pp, model.layers)
         elif global_batch % dp:
             reason = f"global batch {global_batch} is not divisible by dp={dp}"
         for layout in _variants(dp, tp, pp, max(1, global_batch // dp), model, cluster):
@@ -60,7 +57,7 @@ def candidates(model: ModelShape, cluster: Cluster, global_batch: int, seq: int,
 def _variants(dp: int, tp: int, pp: int, local_batch: int, model: ModelShape, cluster: Cluster) -> Iterable[Layout]:
     counts = [1]
     if pp > 1:  # from one microbatch per stage to 8 (bubble against per-microbatch efficiency), whole sequences
-        counts = [m for m in _divisors(local_batch) if pp <= m <= 8 * pp] or [pp]
+        counts = [m for m in divisors(local_batch) if pp <= m <= 8 * pp] or [pp]
     modes = [("fully_sharded", 1)]
     # Across nodes: shard inside a node, replicate across nodes (FSDP traffic stays on the fast links).
     shard = cluster.devices_per_node // (tp * pp) if cluster.devices_per_node % (tp * pp) == 0 else 0

@@ -12,14 +12,17 @@ assumed to overlap compute. Tensor parallelism is kept inside a node.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import astuple, dataclass, replace
 
+from lightning_mp.config import stages_per_rank
 from lightning_mp.planner.inputs import BYTES, PARAM_BYTES, Cluster, Layout, ModelShape
 from lightning_mp.planner.memory import stage_parts, state_bytes
 
 
 @dataclass
 class StepTime:
+    """Estimated seconds of one optimizer step, by cause; ``total`` is their sum (nothing overlaps)."""
+
     compute: float = 0.0
     bubble: float = 0.0
     tensor_comm: float = 0.0
@@ -28,13 +31,13 @@ class StepTime:
 
     @property
     def total(self) -> float:
-        return self.compute + self.bubble + self.tensor_comm + self.pipeline_comm + self.data_comm
+        return sum(astuple(self))
 
 
 def bubble_fraction(layout: Layout) -> float:
     if layout.pipeline == 1:
         return 0.0
-    v = 1 if layout.schedule in ("gpipe", "1f1b") else 2
+    v = stages_per_rank(layout.schedule)
     return (layout.pipeline - 1) / (v * layout.microbatches + layout.pipeline - 1)
 
 

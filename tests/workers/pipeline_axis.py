@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny_bert import SEQ, TokenDataset, tiny_config  # noqa: E402
 
 from lightning_mp.parallel.grad_norm import total_grad_norm  # noqa: E402
-from lightning_mp.parallel.pipeline import build_pipeline  # noqa: E402
+from lightning_mp.pipeline.runtime import build_pipeline  # noqa: E402
 from lightning_mp.plans import find_plan  # noqa: E402
 
 LR = 1e-3
@@ -84,6 +84,31 @@ def guards(data: list[dict], microbatches: int) -> dict:
     return {"counts": counts, "mean_of_means_gap": abs(sum(parts) / len(parts) - full)}
 
 
+def token_loss_share(normalizer: torch.Tensor):
+    """A microbatch's share of the batch's token-mean cross entropy (the shares sum to the batch loss)."""
+
+    def loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1),
+                                                 ignore_index=-100, reduction="sum") / normalizer
+
+    return loss
+
+
+def from_last_stage(runtime, value) -> torch.Tensor:
+    """A number computed on the rank holding the last stage, on every pipeline rank."""
+    total = value.detach().double() if runtime.is_last else torch.zeros((), dtype=torch.float64)
+    dist.broadcast(total, src=dist.get_global_rank(runtime.group, runtime.last_rank), group=runtime.group)
+    return total
+
+
+def train_step(runtime, batch: dict) -> torch.Tensor:
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    normalizer = (batch["labels"] != -100).sum().float()
+    losses: list = []
+    runtime.run(inputs, batch["labels"], token_loss_share(normalizer), losses=losses)
+    return from_last_stage(runtime, torch.stack(losses).sum() if runtime.is_last else None)
+
+
 def run_schedule(name: str, pp_mesh, data: list[dict], eval_inputs: dict, ref: dict, microbatches: int,
                  split_points) -> dict:
     model = new_model()
@@ -95,9 +120,8 @@ def run_schedule(name: str, pp_mesh, data: list[dict], eval_inputs: dict, ref: d
     opt = torch.optim.AdamW(list(runtime.parameters()), lr=LR)
     losses, norm_diffs = [], []
     for step, batch in enumerate(data):
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        loss = runtime.train_step(inputs, batch["labels"])
-        norm = total_grad_norm(list(runtime.parameters()), extra_group=runtime.grad_norm_group).item()
+        loss = train_step(runtime, batch)
+        norm = total_grad_norm(list(runtime.parameters()), extra_group=runtime.group).item()
         norm_diffs.append(abs(norm - ref["norms"][step]))
         opt.step()
         opt.zero_grad()
@@ -112,14 +136,16 @@ def run_schedule(name: str, pp_mesh, data: list[dict], eval_inputs: dict, ref: d
     # Forward-only, on another sequence length (the shapes between stages are inferred anew).
     eval_inputs_no_labels = {k: v for k, v in eval_inputs.items() if k != "labels"}
     out = runtime.eval_step(eval_inputs_no_labels)
-    logits_diff = (out.output - ref["eval_logits"]).abs().max().item() if runtime.is_last else 0.0
-    with_labels = runtime.eval_step(eval_inputs_no_labels, labels=eval_inputs["labels"])
-    eval_loss_diff = abs(with_labels.loss.item() - ref["eval_loss"])
-    misplaced_output = float(runtime.is_last != (out.output is not None))
+    logits_diff = (out - ref["eval_logits"]).abs().max().item() if runtime.is_last else 0.0
+    eval_loss = None
+    if runtime.is_last:
+        eval_loss = torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), eval_inputs["labels"].reshape(-1))
+    eval_loss_diff = abs(from_last_stage(runtime, eval_loss).item() - ref["eval_loss"])
+    misplaced_output = float(runtime.is_last != (out is not None))
     checks = torch.tensor([logits_diff, misplaced_output], dtype=torch.float64)
     dist.all_reduce(checks, op=dist.ReduceOp.MAX, group=runtime.group)
     # And training resumes after eval (mode switch back, shapes back to the training length).
-    loss_again = runtime.train_step({k: v for k, v in data[0].items() if k != "labels"}, data[0]["labels"]).item()
+    loss_again = train_step(runtime, data[0]).item()
     opt.zero_grad()
 
     names = [sorted(n for n, _ in module.named_parameters()) for module in runtime.stage_modules]

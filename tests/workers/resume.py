@@ -27,7 +27,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint  # noqa: E402
 from tiny_bert import TinyBertModule, loader  # noqa: E402
 
 from lightning_mp import ModelParallelStrategy  # noqa: E402
-from lightning_mp.checkpoint import model_state  # noqa: E402
+from lightning_mp.checkpoint.state import model_state  # noqa: E402
 
 
 class ScheduledTinyBert(TinyBertModule):

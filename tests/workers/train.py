@@ -83,8 +83,8 @@ def main() -> None:
         val_loader = loader(args.batch_size // data_size, size=22, all_labelled=args.all_labelled)
         result["validation"] = {k: float(v) for k, v in trainer.validate(module, val_loader, verbose=False)[0].items()}
     if args.strategy == "lightning_mp":
-        from lightning_mp.checkpoint import model_state
-        from lightning_mp.memory import local_state_bytes
+        from lightning_mp.checkpoint.state import model_state
+        from lightning_mp.planner.measure import local_state_bytes
 
         from torch.distributed._composable.contract import _get_registry
 
@@ -99,7 +99,7 @@ def main() -> None:
         torch.distributed.all_gather_object(watch_running, trainer.strategy._failure_watch.running)
         result["failure_watch_running"] = watch_running
     elif args.strategy == "lightning":
-        from lightning_mp.checkpoint import model_state
+        from lightning_mp.checkpoint.state import model_state
 
         result["state_dict"] = model_state(module, full=True)
     else:

@@ -10,11 +10,12 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from omegaconf import DictConfig
 
-from lightning_mp.callbacks import TokensPerSecond
-from lightning_mp.config import ParallelConfig, check_divisible, check_pipeline
-from lightning_mp.export import export_hf_model
+from lightning_mp.checkpoint.export import export_hf_model
+from lightning_mp.config import ParallelConfig, check_pipeline, check_precision
+from lightning_mp.parallel.apply import resolve_plan
 from lightning_mp.planner import Candidate, Cluster, ModelShape, choose, device_memory_gb
-from lightning_mp.strategy import SUPPORTED_PRECISION, ModelParallelStrategy
+from lightning_mp.strategy import ModelParallelStrategy
+from lightning_mp.tasks.callbacks import TokensPerSecond
 from lightning_mp.tasks.ner.data import NERDataModule, minilm_path
 from lightning_mp.tasks.ner.module import TokenClassifier
 
@@ -33,10 +34,17 @@ def parallel_kwargs(cfg: DictConfig) -> dict[str, Any]:
     )
 
 
-def model_shape(cfg: DictConfig, labels: int = 21) -> ModelShape:
+def bert_config(cfg: DictConfig) -> Any:
+    """The BertConfig of the shape the ``model`` group describes (uncased BERT vocabulary)."""
+    from transformers import BertConfig
+
     m = cfg.model
-    return ModelShape(layers=int(m.num_hidden_layers), hidden=int(m.hidden_size), heads=int(m.num_attention_heads),
-                      intermediate=int(m.intermediate_size), labels=labels)
+    return BertConfig(vocab_size=30522, hidden_size=m.hidden_size, num_hidden_layers=m.num_hidden_layers,
+                      num_attention_heads=m.num_attention_heads, intermediate_size=m.intermediate_size)
+
+
+def model_shape(cfg: DictConfig, labels: int = 21) -> ModelShape:
+    return ModelShape.from_config(bert_config(cfg), labels=labels)
 
 
 def planned_layout(cfg: DictConfig) -> Candidate:
@@ -65,10 +73,7 @@ def model_source(cfg: DictConfig, original_cwd: Path) -> Any:
         return _local_or_hub(m.name_or_path, original_cwd)
     if m.pretrained:
         return str(minilm_path())
-    from transformers import BertConfig
-
-    return BertConfig(vocab_size=30522, hidden_size=m.hidden_size, num_hidden_layers=m.num_hidden_layers,
-                      num_attention_heads=m.num_attention_heads, intermediate_size=m.intermediate_size)
+    return bert_config(cfg)
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -76,24 +81,21 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.parallel.get("auto"):
         print(f"parallel=auto: {planned_layout(cfg).summary()}", flush=True)
     world = int(cfg.trainer.devices) * int(cfg.trainer.num_nodes)
-    shape = parallel_config(cfg).resolve(world, int(cfg.trainer.devices))
-    if cfg.trainer.precision not in SUPPORTED_PRECISION:
-        raise ValueError(f"trainer.precision={cfg.trainer.precision!r}; valid: {', '.join(SUPPORTED_PRECISION)}.")
-    m = cfg.model
-    if not m.name_or_path:  # shapes we know without loading anything
-        check_divisible(shape.tensor, {"num_attention_heads": m.num_attention_heads,
-                                       "intermediate_size": m.intermediate_size}, f"model={m.name}")
-    check_pipeline(parallel_config(cfg), int(m.num_hidden_layers))
+    config = parallel_config(cfg)
+    shape = config.resolve(world, int(cfg.trainer.devices))
+    check_precision(str(cfg.trainer.precision), shape.pipeline)
+    if not cfg.model.name_or_path:  # shapes we know without loading anything: the strategy's own checks
+        import torch
+        from transformers import BertForTokenClassification
+
+        with torch.device("meta"):  # no memory: only the structure is read
+            holder = torch.nn.Module()  # the model sits inside a LightningModule, as in run_ner
+            holder.model = BertForTokenClassification(bert_config(cfg))
+        resolve_plan(holder, None, shape, config)
     batch = int(cfg.trainer.batch_size)
     if batch % shape.data:
         raise ValueError(f"trainer.batch_size={batch} is not divisible by the {shape.data} data-parallel ranks.")
-    microbatches = cfg.parallel.microbatches or shape.pipeline
-    if shape.pipeline > 1 and (batch // shape.data) % microbatches:
-        raise ValueError(
-            f"trainer.batch_size={batch} gives {batch // shape.data} sequences per data-parallel rank, which"
-            f" parallel.microbatches={microbatches} does not divide; use a batch size that is a multiple of"
-            f" {shape.data * microbatches}."
-        )
+    check_pipeline(config, int(cfg.model.num_hidden_layers), local_batch_size=batch // shape.data)
 
 
 def build_strategy(cfg: DictConfig) -> ModelParallelStrategy:

@@ -33,6 +33,8 @@ from typing import Optional
 
 import torch.distributed as dist
 
+from lightning_mp._compat import get_default_store
+
 _FAILURE = "lightning_mp/failure"
 _HEARTBEAT = "lightning_mp/heartbeat/{rank}"
 _EXIT_CODE = 1
@@ -66,7 +68,7 @@ class FailureWatch:
         if self._thread is not None or not dist.is_initialized() or dist.get_world_size() == 1:
             return
         self._rank, self._world_size = dist.get_rank(), dist.get_world_size()
-        store = dist.distributed_c10d._get_default_store()
+        store = get_default_store()
         self._store = store.clone()  # the report path (main thread); the watch thread gets its own clone
         self._stop.clear()
         self._thread = threading.Thread(target=self._watch, args=(store.clone(),), name="lightning_mp-failure-watch",

@@ -14,7 +14,7 @@ from typing import Any
 import torch.distributed as dist
 from torch import nn
 
-from lightning_mp.checkpoint import model_state
+from lightning_mp.checkpoint.state import model_state
 
 
 def export_hf_model(module: nn.Module, attribute: str, out_dir: str | Path, tokenizer: Any = None,

@@ -8,8 +8,8 @@ import time
 from typing import Any, Optional
 
 import lightning.pytorch as pl
-from lightning.fabric.utilities.distributed import _destroy_dist_connection
-from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+
+from lightning_mp._compat import SubprocessScriptLauncher, destroy_dist_connection
 
 _exit_hook_registered = False
 # How long the interpreter leaves the GIL to the process groups' worker threads before it shuts down.
@@ -17,7 +17,7 @@ _SETTLE_SECONDS = 0.25
 
 
 def _end_process_groups() -> None:
-    _destroy_dist_connection()
+    destroy_dist_connection()
     # A gloo worker thread drops its reference to a finished collective's tensors only after the caller has
     # seen the result, and that drop needs the GIL (the tensors have Python objects). A job whose last act
     # is a collective can reach interpreter shutdown first; Python then ends the waiting thread by unwinding
@@ -34,7 +34,7 @@ def destroy_process_group_at_exit() -> None:
         _exit_hook_registered = True
 
 
-class CheckModelThenLaunch(_SubprocessScriptLauncher):
+class CheckModelThenLaunch(SubprocessScriptLauncher):
     """Lightning's script launcher, but a model that cannot be parallelized fails before any child
     process is started."""
 

@@ -22,11 +22,16 @@ def _is_mean(reduce_fx: Any) -> bool:
     return reduce_fx is torch.mean or (isinstance(reduce_fx, str) and reduce_fx.lower() in ("mean", "avg"))
 
 
+def labelled_tokens(labels: Tensor, ignore_index: int) -> Tensor:
+    """The tokens a loss averages over: labels that are not ``ignore_index`` (the one counting rule)."""
+    return (labels != ignore_index).sum()
+
+
 def count_labelled_tokens(batch: Any, labels_key: str, ignore_index: int) -> Tensor | None:
     labels = batch.get(labels_key) if isinstance(batch, Mapping) else getattr(batch, labels_key, None)
     if not isinstance(labels, Tensor):
         return None
-    return (labels != ignore_index).sum().to(torch.float64)
+    return labelled_tokens(labels, ignore_index).to(torch.float64)
 
 
 class TokenWeighting:

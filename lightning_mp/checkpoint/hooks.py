@@ -1,5 +1,5 @@
 """The strategy's side of Lightning's checkpointing: which state goes into a checkpoint and how it is
-written and read (``checkpoint.py`` holds the formats). A mixin of ``ModelParallelStrategy``: it uses the
+written and read (``io.py`` holds the formats, ``state.py`` the names). A mixin of ``ModelParallelStrategy``: it uses the
 strategy's model, optimizers, collectives and ``pipeline_group``."""
 
 from __future__ import annotations
@@ -7,10 +7,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from lightning.pytorch.core.optimizer import LightningOptimizer
 from torch.optim import Optimizer
 
-from lightning_mp import checkpoint as ckpt
+from lightning_mp._compat import unwrap_optimizer
+from lightning_mp.checkpoint.io import save_full, save_sharded
+from lightning_mp.checkpoint.rng import restore_rng_states, with_rng_states
+from lightning_mp.checkpoint.state import load_into, model_state
+from lightning_mp.checkpoint.state import optimizer_state as flattened_optimizer_state
 
 
 class CheckpointHooks:
@@ -18,13 +21,12 @@ class CheckpointHooks:
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
         assert self.model is not None
-        return ckpt.model_state(self.model, full=not self._save_distributed_checkpoint, pipeline_group=self.pipeline_group)
+        return model_state(self.model, full=not self._save_distributed_checkpoint, pipeline_group=self.pipeline_group)
 
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
-        if isinstance(optimizer, LightningOptimizer):
-            optimizer = optimizer._optimizer
+        optimizer = unwrap_optimizer(optimizer)
         assert self.model is not None
-        return ckpt.optimizer_state(self.model, optimizer, full=not self._save_distributed_checkpoint,
+        return flattened_optimizer_state(self.model, optimizer, full=not self._save_distributed_checkpoint,
                                     pipeline_group=self.pipeline_group)
 
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
@@ -37,17 +39,17 @@ class CheckpointHooks:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__}.save_checkpoint does not take storage_options.")
         path = Path(self.broadcast(str(filepath)))
-        checkpoint = ckpt.with_rng_states(checkpoint)
+        checkpoint = with_rng_states(checkpoint)
         if self._save_distributed_checkpoint:
-            ckpt.save_sharded(checkpoint, path, self.is_global_zero, self.barrier)
+            save_sharded(checkpoint, path, self.is_global_zero, self.barrier)
         elif self.is_global_zero:
-            ckpt.save_full(checkpoint, path)
+            save_full(checkpoint, path)
         self.barrier()
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
         path = Path(self.broadcast(str(checkpoint_path)))
         assert self.model is not None and self.lightning_module is not None
-        rest = ckpt.load_into(path, self.model, self.optimizers, self.lightning_module.strict_loading, weights_only)
-        ckpt.restore_rng_states(rest)
+        rest = load_into(path, self.model, self.optimizers, self.lightning_module.strict_loading, weights_only)
+        restore_rng_states(rest)
         self.barrier()
         return rest

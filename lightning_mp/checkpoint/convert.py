@@ -1,7 +1,7 @@
 """Convert checkpoints between the sharded and the full form, without a distributed job.
 
-    python -m lightning_mp.convert CHECKPOINT_DIR  model.ckpt      # sharded directory -> one full file
-    python -m lightning_mp.convert model.ckpt      CHECKPOINT_DIR  # full file -> sharded directory
+    python -m lightning_mp.checkpoint.convert CHECKPOINT_DIR  model.ckpt     # sharded directory -> one full file
+    python -m lightning_mp.checkpoint.convert model.ckpt      CHECKPOINT_DIR  # full file -> sharded directory
 
 Both forms hold the same entries under the same names (see ``lightning_mp.checkpoint``), so either
 loads into any layout; the full file also loads into a plain LightningModule
@@ -18,15 +18,14 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
-from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-from lightning_mp.checkpoint import (
+from lightning_mp._compat import EmptyStateDictLoadPlanner, load_state_dict_without_planning
+from lightning_mp.checkpoint.io import (
     META_FILE,
     MODEL_KEY,
     OPTIMIZER_KEY,
-    _replace,
-    _staging,
+    replace_atomically,
+    staging_path,
     is_sharded_checkpoint,
     read_full,
     save_full,
@@ -41,7 +40,8 @@ def sharded_to_full(source: str | Path, target: str | Path) -> Path:
         raise ValueError(f"{source} is not a sharded checkpoint directory (no .metadata file in it).")
     tensors: dict[str, Any] = {}
     # What torch's dcp_to_torch_save does, keeping the result in memory (dcp.load would not fill an empty dict).
-    _load_state_dict(tensors, storage_reader=dcp.FileSystemReader(str(source)), planner=_EmptyStateDictLoadPlanner(),
+    load_state_dict_without_planning(tensors, storage_reader=dcp.FileSystemReader(str(source)),
+                                     planner=EmptyStateDictLoadPlanner(),
                      no_dist=True)
     checkpoint = torch.load(source / META_FILE, weights_only=False)
     checkpoint[MODEL_KEY] = tensors.pop(MODEL_KEY)
@@ -58,19 +58,19 @@ def full_to_sharded(source: str | Path, target: str | Path) -> Path:
     tensors = {MODEL_KEY: checkpoint.pop(MODEL_KEY)}
     for index, state in enumerate(checkpoint.pop(OPTIMIZER_KEY, [])):
         tensors[f"optimizer_{index}"] = state
-    staging = _staging(target)
+    staging = staging_path(target)
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
     with without_single_process_warning():
         dcp.save(tensors, checkpoint_id=staging, no_dist=True)
     torch.save(checkpoint, staging / META_FILE)
-    _replace(staging, target)
+    replace_atomically(staging, target)
     return target
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m lightning_mp.convert", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m lightning_mp.checkpoint.convert", description=__doc__.split("\n\n")[0])
     parser.add_argument("source", type=Path, help="a sharded checkpoint directory or a full checkpoint file")
     parser.add_argument("target", type=Path, help="where the other form is written")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing target")

@@ -18,9 +18,9 @@ import types
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
-import torch
 from torch import Tensor, nn
 
+from lightning_mp.config import too_few_blocks
 from lightning_mp.plans import ModelPlan, PipelinePlan
 
 # ---------------------------------------------------------------- balancing
@@ -37,39 +37,24 @@ def _parameter_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def _activation_width(module: nn.Module) -> int:
-    """Elements per token that the module's layers produce (and autograd mostly keeps for backward):
-    a model-agnostic activation estimate from the outputs of its linear, norm and embedding layers."""
-    width = 0
-    for sub in module.modules():
-        if isinstance(sub, nn.Linear):
-            width += sub.out_features
-        elif isinstance(sub, nn.Embedding):
-            width += sub.embedding_dim
-        elif isinstance(sub, (nn.LayerNorm, nn.RMSNorm)) and sub.normalized_shape:
-            width += int(torch.Size(sub.normalized_shape).numel())
-    return width
-
-
-def estimate_costs(model: nn.Module, plan: ModelPlan, tokens_per_microbatch: int = 0) -> StageCosts:
-    """Parameters plus (when ``tokens_per_microbatch`` is given) activation elements of every block; the
-    plan's ``first`` modules count on the first stage, its ``last`` modules on the last."""
-    pipeline = _require_pipeline(plan)
+def estimate_costs(model: nn.Module, plan: ModelPlan) -> StageCosts:
+    """Parameters of every block; the plan's ``first`` modules count on the first stage, its ``last``
+    modules on the last."""
+    pipeline = require_pipeline(plan)
 
     def cost(module: nn.Module) -> float:
-        return float(_parameter_count(module) + tokens_per_microbatch * _activation_width(module))
+        return float(_parameter_count(module))
 
-    blocks = [cost(block) for block in _block_list(model, plan)]
+    blocks = [cost(block) for block in block_list(model, plan)]
     first = sum(cost(m) for m in (_get(model, path) for path in pipeline.first) if m is not None)
     last = sum(cost(m) for m in (_get(model, path) for path in pipeline.last) if m is not None)
     return StageCosts(blocks=blocks, first=first, last=last)
 
 
-def _too_few_blocks(num_blocks: int, num_stages: int) -> ValueError:
-    return ValueError(
-        f"cannot split {num_blocks} blocks into {num_stages} pipeline stages: every stage needs at least one"
-        f" block; use at most {num_blocks} stages (pipeline ranks × stages per rank)."
-    )
+def _check_enough_blocks(num_stages: int, num_blocks: int) -> None:
+    problem = too_few_blocks(num_stages, num_blocks)
+    if problem:
+        raise ValueError(f"cannot split the model into pipeline stages: {problem}.")
 
 
 def balance_split(block_costs: Sequence[float], num_stages: int, first: float = 0.0, last: float = 0.0) -> list[int]:
@@ -82,8 +67,7 @@ def balance_split(block_costs: Sequence[float], num_stages: int, first: float = 
     n = len(block_costs)
     if num_stages < 1:
         raise ValueError(f"num_stages must be at least 1, got {num_stages}.")
-    if num_stages > n:
-        raise _too_few_blocks(n, num_stages)
+    _check_enough_blocks(num_stages, n)
     prefix = [0.0, *itertools.accumulate(float(c) for c in block_costs)]
 
     def stage_cost(stage: int, start: int, end: int) -> float:
@@ -110,8 +94,7 @@ def balance_split(block_costs: Sequence[float], num_stages: int, first: float = 
 def check_split_points(split_points: Sequence[int], num_stages: int, num_blocks: int) -> list[int]:
     """Validate a pinned split: ``num_stages`` increasing first-block indices starting at 0."""
     points = [int(p) for p in split_points]
-    if num_stages > num_blocks:
-        raise _too_few_blocks(num_blocks, num_stages)
+    _check_enough_blocks(num_stages, num_blocks)
     if len(points) != num_stages:
         raise ValueError(
             f"split_points={points} has {len(points)} entries, but the pipeline has {num_stages} stages; give the"
@@ -132,15 +115,13 @@ def plan_split(
     plan: ModelPlan,
     num_stages: int,
     split_points: Optional[Sequence[int]] = None,
-    tokens_per_microbatch: int = 0,
 ) -> list[int]:
     """The first block of every stage: ``split_points`` when pinned (validated), else balanced by cost."""
-    num_blocks = len(_block_list(model, plan))
+    num_blocks = len(block_list(model, plan))
     if split_points is not None:
         return check_split_points(split_points, num_stages, num_blocks)
-    if num_stages > num_blocks:
-        raise _too_few_blocks(num_blocks, num_stages)
-    costs = estimate_costs(model, plan, tokens_per_microbatch)
+    _check_enough_blocks(num_stages, num_blocks)
+    costs = estimate_costs(model, plan)
     return balance_split(costs.blocks, num_stages, costs.first, costs.last)
 
 
@@ -150,7 +131,7 @@ def block_ranges(split_points: Sequence[int], num_blocks: int) -> list[range]:
 
 
 # ---------------------------------------------------------------- splitting the model
-def _require_pipeline(plan: ModelPlan) -> PipelinePlan:
+def require_pipeline(plan: ModelPlan) -> PipelinePlan:
     if plan.pipeline is None or plan.blocks is None:
         raise ValueError(
             f"the plan for {plan.name} describes no pipeline split (it needs `blocks` and a `pipeline`"
@@ -165,23 +146,24 @@ def _get(model: nn.Module, path: str) -> Optional[nn.Module]:
         owner = model.get_submodule(owner_path) if owner_path else model
     except AttributeError:
         return None
-    return owner._modules.get(name)
+    module = getattr(owner, name, None)
+    return module if isinstance(module, nn.Module) else None
 
 
-def _block_list(model: nn.Module, plan: ModelPlan) -> list[nn.Module]:
+def block_list(model: nn.Module, plan: ModelPlan) -> list[nn.Module]:
     return list(_blocks_by_index(model.get_submodule(plan.blocks)).values())  # type: ignore[arg-type]
 
 
 def stage_blocks(stage_module: nn.Module, plan: ModelPlan) -> list[nn.Module]:
     """The blocks a stage module owns (its ``plan.blocks`` is an ``nn.ModuleDict``), in model order; the
     units for FSDP and activation checkpointing of that stage."""
-    return _block_list(stage_module, plan)
+    return block_list(stage_module, plan)
 
 
-def _check_ownership(model: nn.Module, plan: ModelPlan) -> None:
+def check_ownership(model: nn.Module, plan: ModelPlan) -> None:
     """Every parameter must belong to exactly one part (first, a block, last); a tied parameter used by
     two parts would become two independent copies on different stages."""
-    pipeline = _require_pipeline(plan)
+    pipeline = require_pipeline(plan)
     for path in (*pipeline.first, *pipeline.last):
         if _get(model, path) is None:
             raise ValueError(f"pipeline plan of {plan.name}: module {path!r} does not exist in {type(model).__name__}.")
@@ -261,11 +243,11 @@ def _pruned_copy(model: nn.Module, plan: ModelPlan, keep_first: bool, keep_last:
     containers on the path to the blocks are new, every other module, parameter and buffer is the
     same object as in ``model`` (a view of it).
     """
-    pipeline = _require_pipeline(plan)
+    pipeline = require_pipeline(plan)
     assert plan.blocks is not None
     parent_path, _, attr = plan.blocks.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
-    original_blocks = parent._modules[attr]
+    original_blocks = getattr(parent, attr)
     by_index = _blocks_by_index(original_blocks)
     drop = [*(() if keep_first else pipeline.first), *(() if keep_last else pipeline.last)]
     removed: list[tuple[nn.Module, str, Optional[nn.Module]]] = []
@@ -273,9 +255,9 @@ def _pruned_copy(model: nn.Module, plan: ModelPlan, keep_first: bool, keep_last:
         for path in drop:
             owner_path, _, name = path.rpartition(".")
             owner = model.get_submodule(owner_path) if owner_path else model
-            removed.append((owner, name, owner._modules[name]))
-            owner._modules[name] = None
-        parent._modules[attr] = nn.ModuleDict({str(i): by_index[i] for i in blocks})
+            removed.append((owner, name, getattr(owner, name)))
+            setattr(owner, name, None)  # a registered submodule may be set to None (and back)
+        setattr(parent, attr, nn.ModuleDict({str(i): by_index[i] for i in blocks}))
         memo: dict[int, Any] = {}
         if share:
             containers = {"", plan.blocks, *(plan.blocks.rsplit(".", k)[0] for k in range(1, plan.blocks.count(".") + 1))}
@@ -283,9 +265,9 @@ def _pruned_copy(model: nn.Module, plan: ModelPlan, keep_first: bool, keep_last:
             memo.update((id(t), t) for t in itertools.chain(model.parameters(), model.buffers()))
         pruned = copy.deepcopy(model, memo)
     finally:
-        parent._modules[attr] = original_blocks
+        setattr(parent, attr, original_blocks)
         for owner, name, module in reversed(removed):
-            owner._modules[name] = module
+            setattr(owner, name, module)
     return pruned
 
 
@@ -296,16 +278,6 @@ def _make_stage(module: nn.Module, plan: ModelPlan, stage_index: int, num_stages
     module._pipeline_role = StageRole(stage_index, num_stages, tuple(blocks), plan.pipeline, plan.blocks)
     module.forward = types.MethodType(_stage_forward, module)
     return module
-
-
-def build_stage_module(model: nn.Module, plan: ModelPlan, stage_index: int, num_stages: int,
-                       blocks: Sequence[int]) -> nn.Module:
-    """A copy of ``model`` holding only what stage ``stage_index`` owns, with the original FQNs.
-
-    Only the owned parts are copied, so peak memory is the model plus one stage.
-    """
-    pruned = _pruned_copy(model, plan, stage_index == 0, stage_index == num_stages - 1, blocks, share=False)
-    return _make_stage(pruned, plan, stage_index, num_stages, blocks)
 
 
 def build_rank_modules(model: nn.Module, plan: ModelPlan, stage_blocks_of: dict[int, Sequence[int]],

@@ -1,18 +1,18 @@
 """Pipeline parallelism: run this rank's stages with ``torch.distributed.pipelining``.
 
-How a model is cut into stages lives in ``pipeline_split``; this module places stages on ranks, wraps
+How a model is cut into stages lives in ``split``; this module places stages on ranks, wraps
 them in torch's schedules and runs whole batches through them (train: forward + backward of every
 microbatch; eval: forward only).
 
 The schedules are torch's own (GPipe, 1F1B, interleaved 1F1B, interleaved zero bubble, ZB-V), run with
-``scale_grads=False``: each microbatch loss is already its share of the batch loss (``pipeline_loss``).
+``scale_grads=False``: each microbatch loss is already its share of the batch loss (``loss.py``).
 
 Nothing here hard-codes a device or backend: the caller passes the device and the pipeline mesh.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Mapping, NamedTuple, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -25,15 +25,15 @@ from torch.distributed.pipelining import (
     ScheduleInterleaved1F1B,
     ScheduleInterleavedZeroBubble,
     ScheduleZBVZeroBubble,
-    _ScheduleForwardOnly,
 )
 
-from lightning_mp.config import MULTI_STAGE_SCHEDULES, PIPELINE_SCHEDULES
-from lightning_mp.parallel.pipeline_loss import LossSlot, PipelineLoss, TokenCrossEntropy
-from lightning_mp.parallel.pipeline_split import (
-    _block_list,
-    _check_ownership,
-    _require_pipeline,
+from lightning_mp._compat import ScheduleForwardOnly, reset_shape_inference
+from lightning_mp.config import MULTI_STAGE_SCHEDULES, PIPELINE_SCHEDULES, stages_per_rank, too_few_blocks
+from lightning_mp.pipeline.loss import LossSlot
+from lightning_mp.pipeline.split import (
+    block_list,
+    check_ownership,
+    require_pipeline,
     block_ranges,
     build_rank_modules,
     plan_split,
@@ -51,18 +51,6 @@ assert set(SCHEDULE_CLASSES) == set(PIPELINE_SCHEDULES)
 
 
 # ---------------------------------------------------------------- which stages a rank holds
-def _check_schedule(schedule_name: str) -> None:
-    if schedule_name not in SCHEDULE_CLASSES:
-        raise ValueError(
-            f"pipeline schedule {schedule_name!r} is unknown; valid schedules: {', '.join(PIPELINE_SCHEDULES)}."
-        )
-
-
-def stages_per_rank(schedule_name: str) -> int:
-    _check_schedule(schedule_name)
-    return 2 if schedule_name in MULTI_STAGE_SCHEDULES else 1
-
-
 def stage_indices(pp_rank: int, pp_size: int, schedule_name: str) -> list[int]:
     """The stages rank ``pp_rank`` holds, ascending: ``[r]``; interleaved: ``[r, r + p]``; ZB-V ("V"
     order, first and last stage on rank 0): ``[r, 2p - 1 - r]``."""
@@ -80,18 +68,13 @@ def last_stage_rank(pp_size: int, schedule_name: str) -> int:
     return next(r for r in range(pp_size) if num_stages - 1 in stage_indices(r, pp_size, schedule_name))
 
 
-class EvalOutput(NamedTuple):
-    output: Any  # the last stage's merged output (e.g. logits) on the rank holding it, None elsewhere
-    loss: Optional[Tensor]  # the batch loss on every pipeline rank when labels were given
-
-
 # ---------------------------------------------------------------- runtime
 class PipelineRuntime:
-    """This rank's stages, the torch schedule that runs them, and train/eval steps on whole batches.
+    """This rank's stages, the torch schedule that runs them, and forward(+backward) of whole batches.
 
     Attributes:
         shell: one module with every part this rank owns, under the unsplit model's FQNs (see
-            ``pipeline_split.build_rank_modules``); give its parameters to the optimizer.
+            ``split.build_rank_modules``); give its parameters to the optimizer.
         stage_modules: views of the shell, one per stage held (ascending stage index); what the
             schedule runs and what tensor parallelism and FSDP were applied to.
         stages: the matching ``PipelineStage`` objects.
@@ -109,7 +92,6 @@ class PipelineRuntime:
         pp_mesh: DeviceMesh,
         schedule_name: str,
         pipeline: PipelinePlan,
-        loss_fn: PipelineLoss,
         device: torch.device,
         split_points: list[int],
         microbatches: int,
@@ -122,7 +104,6 @@ class PipelineRuntime:
         self.pp_mesh = pp_mesh
         self.schedule_name = schedule_name
         self.pipeline = pipeline
-        self.loss_fn = loss_fn
         self.device = torch.device(device)
         self.split_points = split_points
         self.microbatches = microbatches
@@ -147,12 +128,6 @@ class PipelineRuntime:
     @property
     def group(self) -> dist.ProcessGroup:
         return self.pp_mesh.get_group()
-
-    @property
-    def grad_norm_group(self) -> dist.ProcessGroup:
-        """Stages hold disjoint parameters: pass this as ``total_grad_norm(..., extra_group=...)`` /
-        ``clip_grad_norm_(..., extra_group=...)`` to sum the norm over the pipeline."""
-        return self.group
 
     @property
     def last_rank(self) -> int:
@@ -192,28 +167,8 @@ class PipelineRuntime:
         # redo the inference together.
         previous = self._shapes.get(mode)
         if previous is not None and shapes != previous:
-            schedule = self.schedule if mode == "train" else self._eval_schedule
-            for flag in ("_stage_forward_initialized", "_stage_backward_initialized",
-                         "_stages_forward_initialized", "_stages_backward_initialized"):
-                if hasattr(schedule, flag):
-                    setattr(schedule, flag, False)
+            reset_shape_inference(self.schedule if mode == "train" else self._eval_schedule)
         self._shapes[mode] = shapes
-
-    def _normalizer(self, labels: Optional[Tensor], normalizer: Union[Tensor, float, None]) -> Tensor:
-        if normalizer is None:
-            if labels is None:
-                if self.is_last:
-                    raise ValueError("the rank holding the last pipeline stage needs the labels.")
-                return torch.ones((), device=self.device)  # unused: only the last stage computes the loss
-            normalizer = self.loss_fn.count(labels)
-        value = torch.as_tensor(normalizer, dtype=torch.float32, device=self.device)
-        return value.clamp(min=1.0)  # nothing labelled: loss 0 rather than 0/0
-
-    def broadcast_loss(self, local: Optional[Tensor]) -> Tensor:
-        total = local.detach().float().to(self.device) if self.is_last else torch.zeros((), device=self.device)
-        if self.pp_mesh.size() > 1:
-            dist.broadcast(total, src=dist.get_global_rank(self.group, self._last_rank), group=self.group)
-        return total
 
     def run(self, inputs: Mapping[str, Any], target: Optional[Tensor], loss_fn: Any,
             loss_kwargs: Optional[dict[str, Any]] = None, losses: Optional[list] = None) -> None:
@@ -232,46 +187,15 @@ class PipelineRuntime:
         finally:
             self._loss_slot.fn = None
 
-    def train_step(
-        self, inputs: Mapping[str, Any], labels: Optional[Tensor], normalizer: Union[Tensor, float, None] = None
-    ) -> Tensor:
-        """Forward and backward of one local batch with ``loss_fn`` (token cross entropy by default);
-        gradients accumulate into the stage modules' ``.grad`` (call ``optimizer.step()`` yourself).
-
-        Args:
-            inputs: the model inputs (``input_ids``, ``attention_mask``, ...) of the whole local batch;
-                every pipeline rank passes the same batch (only the first stage uses the input ids).
-            labels: targets of the whole batch; needed on the rank holding the last stage, may be None
-                elsewhere.
-            normalizer: what each microbatch's loss is divided by; default ``loss_fn.count(labels)``,
-                the labelled tokens of this batch. With data parallelism whose gradient reduction averages
-                over ``dp`` ranks, pass ``global labelled tokens / dp`` for the exact global token mean.
-
-        Returns:
-            The batch loss (sum of the microbatch losses) on every pipeline rank, detached.
-        """
-        losses: list[Tensor] = []
-        self.run(inputs, labels, self.loss_fn, {"normalizer": self._normalizer(labels, normalizer)}, losses)
-        return self.broadcast_loss(torch.stack(losses).sum() if self.is_last else None)
-
     @torch.no_grad()
-    def eval_step(
-        self, inputs: Mapping[str, Any], labels: Optional[Tensor] = None, normalizer: Union[Tensor, float, None] = None
-    ) -> EvalOutput:
-        """Forward only: the merged last-stage output on the rank holding it (None elsewhere), and the
-        batch loss on every pipeline rank when ``labels`` are given. Runs no backward action and no
-        gradient reduction, and leaves the training schedule's state alone."""
+    def eval_step(self, inputs: Mapping[str, Any]) -> Any:
+        """Forward only: the merged last-stage output on the rank holding it, None elsewhere. Runs no
+        backward action and no gradient reduction, and leaves the training schedule's state alone."""
         if self._eval_schedule is None:
             self._eval_schedule = self._build_eval_schedule()
         args, kwargs = self._arguments(inputs, "eval")
         output = self._eval_schedule.step(*args, **kwargs)
-        loss = None
-        if labels is not None:
-            local = None
-            if self.is_last:
-                local = self.loss_fn(output, labels.to(self.device), self._normalizer(labels, normalizer))
-            loss = self.broadcast_loss(local)
-        return EvalOutput(output if self.is_last else None, loss)
+        return output if self.is_last else None
 
     def _build_eval_schedule(self) -> Any:
         # Own PipelineStage objects over the same modules: their receive buffers are built without
@@ -279,7 +203,7 @@ class PipelineRuntime:
         stages = [PipelineStage(module, stage.stage_index, stage.num_stages, self.device, group=self.group)
                   for module, stage in zip(self.stage_modules, self.stages)]
         if self.schedule_name not in MULTI_STAGE_SCHEDULES:
-            return _ScheduleForwardOnly(stages[0], self.microbatches)
+            return ScheduleForwardOnly(stages[0], self.microbatches)
         # torch's multi-stage runtime would still run the backward actions as no-ops in eval(), which fails
         # for stages adjacent on one rank (ZB-V) and reduces FSDP gradients. Keep the forward actions and
         # their sends/receives, in the schedule's own order.
@@ -309,9 +233,7 @@ def build_pipeline(
     schedule_name: str,
     microbatches: int,
     device: Union[torch.device, str],
-    loss_fn: Optional[PipelineLoss] = None,
     split_points: Optional[Sequence[int]] = None,
-    tokens_per_microbatch: int = 0,
     parallelize_stage: Optional[Callable[[nn.Module], None]] = None,
 ) -> PipelineRuntime:
     """Cut ``model`` into stages, keep this rank's, and wrap them in a torch schedule.
@@ -324,30 +246,23 @@ def build_pipeline(
         microbatches: microbatches per batch (the batch size must be divisible by it).
         device: the device this rank computes on (the stages' communication buffers live there). The
             stage modules stay where ``model`` is: move or materialize them (after sharding) yourself.
-        loss_fn: ``count(target)`` and ``__call__(output, target, normalizer)`` returning the microbatch's
-            share of the batch loss, used by ``train_step``; default :class:`TokenCrossEntropy`.
         split_points: first block index of every stage (``pp × stages per rank`` entries), to pin the
             split; default: balanced by :func:`estimate_costs`.
-        tokens_per_microbatch: adds an activation estimate to the balancing costs.
         parallelize_stage: called on every stage module before torch wraps it (tensor parallelism,
             activation checkpointing, FSDP: torch's stages treat an FSDP root module specially).
     """
-    _check_schedule(schedule_name)
-    pipeline = _require_pipeline(plan)
-    _check_ownership(model, plan)
+    pipeline = require_pipeline(plan)
+    check_ownership(model, plan)
     pp_size, pp_rank = pp_mesh.size(), pp_mesh.get_local_rank()
     num_stages = pp_size * stages_per_rank(schedule_name)
-    num_blocks = len(_block_list(model, plan))
-    if num_stages > num_blocks:
-        raise ValueError(
-            f"pipeline parallelism over {pp_size} ranks with schedule {schedule_name!r} needs {num_stages} stages"
-            f" ({stages_per_rank(schedule_name)} per rank), but {plan.name} has only {num_blocks} blocks."
-        )
+    num_blocks = len(block_list(model, plan))
+    problem = too_few_blocks(num_stages, num_blocks, stages_per_rank(schedule_name))
+    if problem:
+        raise ValueError(f"pipeline schedule {schedule_name!r} over {pp_size} ranks: {problem}.")
     if microbatches < 1:
         raise ValueError(f"microbatches must be a positive int, got {microbatches}.")
-    points = plan_split(model, plan, num_stages, split_points, tokens_per_microbatch)
+    points = plan_split(model, plan, num_stages, split_points)
     ranges = block_ranges(points, num_blocks)
-    loss_fn = loss_fn if loss_fn is not None else TokenCrossEntropy()
     device = torch.device(device)
     group = pp_mesh.get_group()
 
@@ -361,9 +276,9 @@ def build_pipeline(
 
     slot = LossSlot()
     schedule_cls = SCHEDULE_CLASSES[schedule_name]
-    # scale_grads=False: each microbatch loss is already its share of the batch loss (see TokenCrossEntropy).
+    # scale_grads=False: each microbatch loss is already its share of the batch loss (see pipeline/loss.py).
     target = stages if schedule_name in MULTI_STAGE_SCHEDULES else stages[0]
     schedule = schedule_cls(target, n_microbatches=microbatches, loss_fn=slot, scale_grads=False)
     slot.watch(schedule)
-    return PipelineRuntime(shell, stage_modules, stages, schedule, pp_mesh, schedule_name, pipeline, loss_fn,
-                           device, points, microbatches, slot)
+    return PipelineRuntime(shell, stage_modules, stages, schedule, pp_mesh, schedule_name, pipeline, device, points,
+                           microbatches, slot)

@@ -16,11 +16,12 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from lightning_mp.config import MeshShape, ParallelConfig, check_divisible, check_pipeline
+from lightning_mp.config import MeshShape, ParallelConfig, check_divisible, check_pipeline, stages_per_rank
 from lightning_mp.mesh import PIPELINE, TENSOR, fsdp_mesh
-from lightning_mp.parallel.fsdp import apply_activation_checkpointing, apply_fsdp, mixed_precision_policy
-from lightning_mp.parallel.pipeline import PipelineRuntime, build_pipeline, stages_per_rank
-from lightning_mp.parallel.pipeline_split import check_split_points, stage_blocks
+from lightning_mp.parallel.activation_checkpointing import apply_activation_checkpointing
+from lightning_mp.parallel.fsdp import apply_fsdp, mixed_precision_policy
+from lightning_mp.pipeline.runtime import PipelineRuntime, build_pipeline
+from lightning_mp.pipeline.split import check_split_points, stage_blocks
 from lightning_mp.parallel.tensor import apply_tensor_parallel
 from lightning_mp.plans import ModelPlan, find_plan
 

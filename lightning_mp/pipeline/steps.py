@@ -2,7 +2,7 @@
 
 Training: the strategy runs torch's schedule on the whole local batch. On the rank holding the last
 stage, the schedule's loss calls the user's ``training_step`` once per microbatch, and while it runs
-the model (this rank's shell, see ``parallel.pipeline_split``) answers every call with the output the
+the model (this rank's shell, see ``split.py``) answers every call with the output the
 pipeline computed for that microbatch, in the form its own ``forward`` returns
 (``PipelinePlan.model_output``: a Hugging Face output with ``.loss`` from ``labels``). The loss the step
 returns is weighted by the microbatch's share of the labelled tokens and backpropagated by the schedule;
@@ -29,9 +29,10 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from lightning_mp.parallel.pipeline import PipelineRuntime
+from lightning_mp._compat import tree_flatten, tree_unflatten
+from lightning_mp.parallel.token_weighting import labelled_tokens
+from lightning_mp.pipeline.runtime import PipelineRuntime
 
 
 class PipelineLoop:
@@ -130,7 +131,7 @@ class PipelineLoop:
         labels = batch.get(self.labels_key) if self.token_weighted else None
         if not isinstance(labels, Tensor) or labels.shape[0] != size:
             return [1.0 / m] * m
-        counts = [(chunk != self.ignore_index).sum().item() for chunk in labels.chunk(m)]
+        counts = [labelled_tokens(chunk, self.ignore_index).item() for chunk in labels.chunk(m)]
         total = sum(counts)
         return [c / total for c in counts] if total else [1.0 / m] * m
 
@@ -142,8 +143,7 @@ class PipelineLoop:
         batch = self._check_batch(batch)
         size = _batch_size(batch, self.runtime.pipeline.input_name)
         padded, padded_size = self._pad(batch, size, training=False)
-        result = self.runtime.eval_step(self._model_inputs(padded, padded_size))
-        output = self._broadcast_tree(result.output)
+        output = self._broadcast_tree(self.runtime.eval_step(self._model_inputs(padded, padded_size)))
         if padded_size != size:
             output = _cut_rows(output, size, padded_size)
         with self.answering(module, output, batch):

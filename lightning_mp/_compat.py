@@ -1,0 +1,147 @@
+"""Every private torch and Lightning name lightning_mp uses, imported here and nowhere else.
+
+Underscore names carry no compatibility promise: a release may rename or remove any of them. Importing
+them in one place means an upgrade breaks here, at import time, with a message that names the missing
+name and the versions this module was written for, instead of somewhere deep inside a training step or
+(worse) by silently skipping work behind a ``hasattr``. ``tests/test_compat.py`` pins the versions and
+checks that every name below exists.
+
+Written for torch 2.13 and Lightning 2.6.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import lightning
+import torch
+
+TESTED_TORCH = "2.13"
+TESTED_LIGHTNING = "2.6"
+
+
+class PrivateAPIError(ImportError):
+    """A private torch/Lightning name this package relies on is gone (renamed or removed upstream)."""
+
+
+def _missing(what: str, where: str) -> PrivateAPIError:
+    return PrivateAPIError(
+        f"lightning_mp needs the private name {what} from {where}, which this installation lacks"
+        f" (torch {torch.__version__}, lightning {lightning.__version__}; lightning_mp was written for torch"
+        f" {TESTED_TORCH} and Lightning {TESTED_LIGHTNING}). Install those versions, or update lightning_mp/_compat.py."
+    )
+
+
+def _require(module: str, name: str) -> Any:
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as error:
+        raise _missing(name, module) from error
+
+
+# ---------------------------------------------------------------- Lightning
+init_dist_connection = _require("lightning.fabric.utilities.distributed", "_init_dist_connection")
+destroy_dist_connection = _require("lightning.fabric.utilities.distributed", "_destroy_dist_connection")
+distributed_is_initialized = _require("lightning.fabric.utilities.distributed", "_distributed_is_initialized")
+default_process_group_backend_for_device = _require(
+    "lightning.fabric.utilities.distributed", "_get_default_process_group_backend_for_device")
+sync_ddp_if_available = _require("lightning.fabric.utilities.distributed", "_sync_ddp_if_available")
+materialize_distributed_module = _require("lightning.fabric.utilities.init", "_materialize_distributed_module")
+optimizers_to_device = _require("lightning.fabric.utilities.optimizer", "_optimizers_to_device")
+collect_rng_states = _require("lightning.fabric.utilities.seed", "_collect_rng_states")
+set_rng_states = _require("lightning.fabric.utilities.seed", "_set_rng_states")
+SubprocessScriptLauncher = _require("lightning.pytorch.strategies.launchers.subprocess_script",
+                                    "_SubprocessScriptLauncher")
+
+
+def unwrap_optimizer(optimizer: Any) -> Any:
+    """The torch optimizer inside Lightning's ``LightningOptimizer`` wrapper (its ``_optimizer``)."""
+    from lightning.pytorch.core.optimizer import LightningOptimizer
+
+    if not isinstance(optimizer, LightningOptimizer):
+        return optimizer
+    if not hasattr(optimizer, "_optimizer"):
+        raise _missing("LightningOptimizer._optimizer", "lightning.pytorch.core.optimizer")
+    return optimizer._optimizer
+
+
+def set_module_device_mesh(module: Any, mesh: Any) -> None:
+    """What ``LightningModule.device_mesh`` returns (Lightning reads its private ``_device_mesh``)."""
+    if "_device_mesh" not in vars(module):
+        raise _missing("LightningModule._device_mesh", "lightning.pytorch.core.module")
+    module._device_mesh = mesh
+
+
+# The strategy overrides this private hook of Lightning's Strategy to reject layouts before launch.
+STRATEGY_LAUNCHER_HOOK = "_configure_launcher"
+if not hasattr(_require("lightning.pytorch.strategies.parallel", "ParallelStrategy"), STRATEGY_LAUNCHER_HOOK):
+    raise _missing(f"Strategy.{STRATEGY_LAUNCHER_HOOK}", "lightning.pytorch.strategies")
+
+# ---------------------------------------------------------------- torch
+tree_flatten = _require("torch.utils._pytree", "tree_flatten")
+tree_unflatten = _require("torch.utils._pytree", "tree_unflatten")
+foreach_norm = _require("torch", "_foreach_norm")
+foreach_mul_ = _require("torch", "_foreach_mul_")
+composable_checkpoint = _require("torch.distributed._composable", "checkpoint")
+get_default_store = _require("torch.distributed.distributed_c10d", "_get_default_store")
+ScheduleForwardOnly = _require("torch.distributed.pipelining.schedules", "_ScheduleForwardOnly")
+EmptyStateDictLoadPlanner = _require("torch.distributed.checkpoint.default_planner", "_EmptyStateDictLoadPlanner")
+load_state_dict_without_planning = _require("torch.distributed.checkpoint.state_dict_loader", "_load_state_dict")
+
+if not hasattr(_require("torch.distributed.device_mesh", "DeviceMesh"), "_flatten"):
+    raise _missing("DeviceMesh._flatten", "torch.distributed.device_mesh")
+
+
+def flatten_mesh(mesh: Any, name: str) -> Any:
+    """One mesh dimension named ``name`` spanning every dimension of ``mesh`` (DeviceMesh._flatten)."""
+    return mesh._flatten(name)
+
+
+# A pipeline schedule infers the shapes sent between stages once (running the first microbatch) and marks
+# that with these flags; single-stage schedules use the first pair, multi-stage ones the second.
+_SINGLE_STAGE_FLAGS = ("_stage_forward_initialized", "_stage_backward_initialized")
+_MULTI_STAGE_FLAGS = ("_stages_forward_initialized", "_stages_backward_initialized")
+_SINGLE_STAGE_INIT = "_initialize_stage"
+_MULTI_STAGE_INIT = "_initialize_stages"
+
+
+def _schedule_kind(schedule: Any) -> tuple[tuple[str, str], str]:
+    from torch.distributed.pipelining.schedules import PipelineScheduleMulti, PipelineScheduleSingle
+
+    if isinstance(schedule, PipelineScheduleSingle):
+        return _SINGLE_STAGE_FLAGS, _SINGLE_STAGE_INIT
+    if isinstance(schedule, PipelineScheduleMulti):
+        return _MULTI_STAGE_FLAGS, _MULTI_STAGE_INIT
+    raise TypeError(f"{type(schedule).__name__} is not a torch pipeline schedule.")
+
+
+def reset_shape_inference(schedule: Any) -> None:
+    """Make ``schedule`` infer the shapes sent between stages again at its next step."""
+    flags, _ = _schedule_kind(schedule)
+    for flag in flags:
+        if not hasattr(schedule, flag):
+            raise _missing(f"{type(schedule).__name__}.{flag}", "torch.distributed.pipelining.schedules")
+        setattr(schedule, flag, False)
+
+
+def wrap_shape_inference(schedule: Any, wrapper: Any) -> None:
+    """Replace the schedule's stage-initialization method (which runs shape inference) by
+    ``wrapper(original)``."""
+    _, name = _schedule_kind(schedule)
+    original = getattr(schedule, name, None)
+    if original is None:
+        raise _missing(f"{type(schedule).__name__}.{name}", "torch.distributed.pipelining.schedules")
+    setattr(schedule, name, wrapper(original))
+
+
+def check_schedule_internals() -> None:
+    """Fail now, not at the first shape change, if the schedules' private members are gone."""
+    from torch.distributed.pipelining.schedules import PipelineScheduleMulti, PipelineScheduleSingle
+
+    for cls, init in ((PipelineScheduleSingle, _SINGLE_STAGE_INIT), (PipelineScheduleMulti, _MULTI_STAGE_INIT)):
+        if not hasattr(cls, init):
+            raise _missing(f"{cls.__name__}.{init}", "torch.distributed.pipelining.schedules")
+
+
+check_schedule_internals()

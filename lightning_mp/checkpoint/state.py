@@ -1,0 +1,160 @@
+"""What a checkpoint holds, independent of the layout that wrote it, and loading it into any layout.
+
+Names never depend on the layout: model state is keyed by the FQNs of the unparallelized LightningModule
+(torch's ``get_model_state_dict`` strips FSDP/checkpoint wrappers, pipeline stages keep their names),
+and optimizer state is torch's *flattened* form, keyed by the same FQNs (``state.<fqn>.exp_avg``,
+``param_groups.<fqn>.lr``) instead of by position in one rank's ``param_groups``. So a checkpoint written
+with pipeline × tensor parallelism on 4 ranks loads into data parallelism on 2, or into one device.
+
+Loading checks the checkpoint against the model first and names missing, unexpected and mis-shaped
+entries; a truncated or corrupted file is reported with its path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.tensor import DTensor, Replicate
+from torch.optim import Optimizer
+
+from lightning_mp.checkpoint.io import (
+    META_FILE,
+    MODEL_KEY,
+    OPTIMIZER_KEY,
+    CheckpointMismatchError,
+    last_line,
+    require_checkpoint,
+    shape_of,
+    sharded_entries,
+    check_entries,
+    is_sharded_checkpoint,
+    read_full,
+    without_single_process_warning,
+)
+
+# Gathered over FSDP/tensor ranks on every rank (torch's cpu_offload keeps it on global rank 0 only, but
+# under a pipeline every stage's share is needed), then sent over the pipeline group.
+_FULL_ON_EVERY_RANK = StateDictOptions(full_state_dict=True, cpu_offload=False, flatten_optimizer_state_dict=True)
+
+
+def model_state(model: nn.Module, full: bool, pipeline_group: dist.ProcessGroup | None = None) -> dict[str, Any]:
+    """The model's state dict; ``full`` gathers every shard (collective). Under pipeline parallelism each
+    rank holds other parameters: with ``pipeline_group`` a full state dict is merged over the pipeline on
+    global rank 0 (the others get ``{}``)."""
+    if not (full and pipeline_group is not None):
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=full, cpu_offload=full))
+    return _merge_on_rank_zero(get_model_state_dict(model, options=_FULL_ON_EVERY_RANK), pipeline_group)
+
+
+def optimizer_state(model: nn.Module, optimizer: Optimizer, full: bool,
+                    pipeline_group: dist.ProcessGroup | None = None) -> dict[str, Any]:
+    """The optimizer's state, flattened and keyed by parameter FQNs; merged like :func:`model_state`."""
+    if not (full and pipeline_group is not None):
+        options = StateDictOptions(full_state_dict=full, cpu_offload=full, flatten_optimizer_state_dict=True)
+        return get_optimizer_state_dict(model, optimizer, options=options)
+    return _merge_on_rank_zero(get_optimizer_state_dict(model, optimizer, options=_FULL_ON_EVERY_RANK),
+                               pipeline_group)
+
+
+def _merge_on_rank_zero(state: dict[str, Any], group: dist.ProcessGroup) -> dict[str, Any]:
+    """Every pipeline rank's entries in one dict on global rank 0; ``{}`` elsewhere.
+
+    Only the pipeline group that contains global rank 0 (the rank that writes) communicates; the others
+    hold copies of the same stages (data/tensor peers) and have nothing to send.
+    """
+    members = dist.get_process_group_ranks(group)
+    if 0 not in members:
+        return {}
+    state = {key: value.detach().cpu() if isinstance(value, torch.Tensor) else value for key, value in state.items()}
+    parts: list[Any] | None = [None] * len(members) if dist.get_rank() == 0 else None
+    dist.gather_object(state, parts, dst=0, group=group)
+    return {key: value for part in parts or [] for key, value in part.items()}
+
+
+def _everyone_wants(keys: set[str]) -> set[str]:
+    """The union of every rank's keys (pipeline ranks own different parameters)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return keys
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, sorted(keys))
+    return set().union(*map(set, parts))
+
+
+def _under(prefix: str, entries: dict[str, Any]) -> dict[str, Any]:
+    return {key[len(prefix) + 1:]: value for key, value in entries.items() if key.startswith(prefix + ".")}
+
+
+def load_into(path: Path, model: nn.Module, optimizers: list[Optimizer], strict: bool,
+              weights_only: bool | None = None) -> dict[str, Any]:
+    """Load model (and, when ``optimizers`` are given, optimizer) state into the live, parallelized objects
+    of any layout; return the rest of the checkpoint (loops, callbacks, schedulers, ...)."""
+    require_checkpoint(path)
+    wanted_model = model_state(model, full=False)
+    wanted_optim = [optimizer_state(model, optimizer, full=False) for optimizer in optimizers]
+    everyone = _everyone_wants(set(wanted_model))
+    if is_sharded_checkpoint(path):
+        entries = sharded_entries(path)
+        check_entries(path, wanted_model, _under(MODEL_KEY, entries), "model", strict, everyone)
+        state = {MODEL_KEY: wanted_model}
+        for index, wanted in enumerate(wanted_optim):
+            saved = _under(f"optimizer_{index}", entries)
+            if not saved:
+                raise CheckpointMismatchError(f"checkpoint {path} holds no state for optimizer {index}"
+                                              " (saved with weights_only=True?); it cannot resume training.")
+            check_entries(path, {k: v for k, v in wanted.items() if k.startswith("state.")}, saved,
+                          f"optimizer {index}", strict=False)
+            state[f"optimizer_{index}"] = wanted
+        try:
+            with without_single_process_warning():
+                dcp.load(state, checkpoint_id=path)
+            rest = torch.load(path / META_FILE, weights_only=bool(weights_only))
+        except (Exception, CheckpointException) as error:  # CheckpointException is a BaseException
+            raise CheckpointMismatchError(f"cannot read the sharded checkpoint {path}: {last_line(error)}") from error
+        set_model_state_dict(model, state[MODEL_KEY], options=StateDictOptions(strict=strict))
+        for index, optimizer in enumerate(optimizers):
+            set_optimizer_state_dict(model, optimizer, state[f"optimizer_{index}"],
+                                     options=StateDictOptions(flatten_optimizer_state_dict=True))
+        return rest
+    checkpoint = read_full(path, weights_only)
+    weights = checkpoint.pop(MODEL_KEY)
+    check_entries(path, wanted_model, {k: shape_of(v) for k, v in weights.items()}, "model", strict, everyone)
+    # Under a pipeline this rank holds only its stages: it takes their entries.
+    full = StateDictOptions(full_state_dict=True, strict=strict)
+    set_model_state_dict(model, {k: v for k, v in weights.items() if k in wanted_model}, options=full)
+    saved_optim = checkpoint.pop(OPTIMIZER_KEY, [])
+    if optimizers and len(saved_optim) < len(optimizers):
+        raise CheckpointMismatchError(f"checkpoint {path} holds state for {len(saved_optim)} optimizers, the module"
+                                      f" configures {len(optimizers)} (saved with weights_only=True?).")
+    for index, (optimizer, saved, wanted) in enumerate(zip(optimizers, saved_optim, wanted_optim)):
+        check_entries(path, {k: v for k, v in wanted.items() if k.startswith("state.")},
+                      {k: shape_of(v) for k, v in saved.items()}, f"optimizer {index}", strict=False)
+        # torch's full_state_dict loading does not take the flattened form, so the full tensors are cut into
+        # this rank's shards here and loaded like a sharded checkpoint.
+        local = {key: _like(saved[key], value) for key, value in wanted.items() if key in saved}
+        set_optimizer_state_dict(model, optimizer, local, options=StateDictOptions(flatten_optimizer_state_dict=True))
+    return checkpoint
+
+
+def _like(full: Any, template: Any) -> Any:
+    """``full`` laid out as ``template``: this rank's shard of a DTensor (local slicing, no communication)."""
+    if not isinstance(template, torch.Tensor):
+        return full
+    full = torch.as_tensor(full).to(device=template.device, dtype=template.dtype)
+    if not isinstance(template, DTensor):
+        return full
+    replicated = DTensor.from_local(full, template.device_mesh, [Replicate()] * template.device_mesh.ndim,
+                                    run_check=False)
+    return replicated.redistribute(template.device_mesh, template.placements)
