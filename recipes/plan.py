@@ -15,7 +15,9 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a checkout without install
+CHECKOUT = Path(__file__).resolve().parent.parent
+if (CHECKOUT / "lightning_mp").is_dir():  # a checkout, runnable without install (installed, this is the package)
+    sys.path.insert(0, str(CHECKOUT))
 
 from lightning_mp.planner import Cluster, choose, format_table  # noqa: E402
 from lightning_mp.tasks.ner.recipe import model_shape  # noqa: E402
