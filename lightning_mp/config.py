@@ -88,7 +88,7 @@ class ParallelConfig:
     tensor_parallel_size: Size = 1
     pipeline_parallel_size: int = 1
     data_parallel_mode: str = "fully_sharded"
-    data_parallel_replicate_size: int | None = None
+    data_parallel_replicate_size: Size | None = None  # hybrid; "auto": one replica per node
     activation_checkpointing: bool = False
     pipeline_schedule: str = "1f1b"
     microbatches: int | None = None
@@ -104,7 +104,8 @@ class ParallelConfig:
                 raise ValueError(f"{name} must be a positive int or 'auto', got {value!r}.")
         for name in ("pipeline_parallel_size", "data_parallel_replicate_size", "microbatches"):
             value = getattr(self, name)
-            if value is None and name != "pipeline_parallel_size":
+            if (value is None and name != "pipeline_parallel_size") or (
+                    value == "auto" and name == "data_parallel_replicate_size"):
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}.")
@@ -140,15 +141,24 @@ class ParallelConfig:
                 f" = {dp * tp * pp}, but the world size is {world_size} (num_nodes × devices)."
                 f" {_suggest(world_size)}"
             )
-        replicate, shard = self._split_data_parallel(dp)
+        replicate, shard = self._split_data_parallel(dp, world_size // devices_per_node)
         return MeshShape(pipeline=pp, data_replicate=replicate, data_shard=shard, tensor=tp)
 
-    def _split_data_parallel(self, dp: int) -> tuple[int, int]:
+    def _split_data_parallel(self, dp: int, num_nodes: int) -> tuple[int, int]:
         if self.data_parallel_mode == "fully_sharded":
             return 1, dp
         if self.data_parallel_mode == "replicated":
             return dp, 1
         replicate = self.data_parallel_replicate_size
+        if replicate == "auto":
+            # One replica per node: each sharded group stays inside a node (all-gathers on the fast links),
+            # only gradient all-reduces cross nodes. The ranks of a node are consecutive in the mesh.
+            if dp % num_nodes:
+                raise ValueError(
+                    f"data_parallel_replicate_size='auto' places one replica on each of the {num_nodes} nodes, which"
+                    f" needs data_parallel_size={dp} to be a multiple of {num_nodes}; valid sizes: {divisors(dp)}."
+                )
+            replicate = num_nodes
         if replicate is None:
             raise ValueError(
                 "data_parallel_mode='hybrid' needs data_parallel_replicate_size (how many replicas of the"

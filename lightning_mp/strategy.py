@@ -61,7 +61,7 @@ class ModelParallelStrategy(CheckpointHooks, ParallelStrategy):
         pipeline_split_points: pin the split: the first block index of every stage, e.g. ``[0, 3]``; default:
             balanced by parameter count, counting embeddings on the first stage and the head on the last.
         data_parallel_mode: ``"fully_sharded"`` (FSDP2), ``"hybrid"`` (replicate × shard, see
-            ``data_parallel_replicate_size``) or ``"replicated"`` (DDP-like).
+            ``data_parallel_replicate_size``; ``"auto"``: one replica per node) or ``"replicated"`` (DDP-like).
         activation_checkpointing: recompute each block in backward instead of storing its activations.
         plan: a :class:`ModelPlan` or a ``{module-glob: style}`` dict (paths relative to the
             LightningModule) for models without a registered plan.
@@ -75,6 +75,21 @@ class ModelParallelStrategy(CheckpointHooks, ParallelStrategy):
     """
 
     strategy_name = "lightning_mp"
+    # Names for Trainer(strategy=...) and LightningCLI (``trainer.strategy: lightning_mp``): only layouts that
+    # need no numbers, since a name cannot carry them (pass init_args or an instance for anything else).
+    PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+        "lightning_mp": ("FSDP2 over all ranks (fully sharded), no tensor or pipeline parallelism", {}),
+        "lightning_mp_hybrid": ("FSDP2 within each node, replicated across nodes (HSDP)",
+                                {"data_parallel_mode": "hybrid", "data_parallel_replicate_size": "auto"}),
+        "lightning_mp_tensor_parallel": ("tensor parallel over the devices of a node, FSDP2 across nodes"
+                                         " (Lightning's ModelParallelStrategy default)", {"tensor_parallel_size": "auto"}),
+    }
+
+    @classmethod
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        """Lightning's hook for its built-in strategies; ``lightning_mp/__init__.py`` calls it on import."""
+        for name, (description, init_params) in cls.PRESETS.items():
+            strategy_registry.register(name, cls, description=description, override=True, **init_params)
 
     def __init__(
         self,
@@ -82,7 +97,7 @@ class ModelParallelStrategy(CheckpointHooks, ParallelStrategy):
         tensor_parallel_size: Union[Literal["auto"], int] = 1,
         pipeline_parallel_size: int = 1,
         data_parallel_mode: str = "fully_sharded",
-        data_parallel_replicate_size: Optional[int] = None,
+        data_parallel_replicate_size: Union[Literal["auto"], int, None] = None,
         activation_checkpointing: bool = False,
         pipeline_schedule: str = "1f1b",
         microbatches: Optional[int] = None,
@@ -184,7 +199,12 @@ class ModelParallelStrategy(CheckpointHooks, ParallelStrategy):
         if self._auto is None:
             _ = self.mesh_shape
         assert self.cluster_environment is not None
-        if not self.cluster_environment.creates_processes_externally:
+        if self.cluster_environment.creates_processes_externally:
+            # Lightning compares devices and num_nodes with SLURM's (--ntasks-per-node, --nodes) or torchrun's
+            # world size only in its own launcher, which external launchers skip: a mismatch would hang or fail
+            # in the mesh. Checked here, with Lightning's messages.
+            self.cluster_environment.validate_settings(num_devices=self.num_processes, num_nodes=self.num_nodes)
+        else:
             self._launcher = CheckModelThenLaunch(self, self.cluster_environment, self.num_processes, self.num_nodes)
 
     def _validate_precision(self) -> None:
