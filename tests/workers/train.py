@@ -36,6 +36,8 @@ def main() -> None:
     parser.add_argument("--strategy", default="lightning_mp", choices=["lightning_mp", "lightning", "none"],
                         help="lightning: Lightning's own ModelParallelStrategy (the peer)")
     parser.add_argument("--layout", default="{}", help="JSON kwargs for ModelParallelStrategy")
+    parser.add_argument("--strategy-name", default=None,
+                        help="Trainer(strategy=NAME) from Lightning's registry after `import lightning_mp` (no --layout)")
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=16, help="global batch size")
@@ -55,6 +57,10 @@ def main() -> None:
         from lightning.pytorch.strategies import ModelParallelStrategy as LightningModelParallel
 
         strategy = LightningModelParallel(**layout)
+    elif args.strategy_name:
+        import lightning_mp  # noqa: F401  registers the names
+
+        strategy = args.strategy_name
     else:
         from lightning_mp import ModelParallelStrategy
 
@@ -98,6 +104,13 @@ def main() -> None:
         watch_running = [None] * trainer.world_size
         torch.distributed.all_gather_object(watch_running, trainer.strategy._failure_watch.running)
         result["failure_watch_running"] = watch_running
+        # Who started the ranks and the numbers each rank took from it (SLURM's, torchrun's or Lightning's).
+        env = trainer.strategy.cluster_environment
+        ranks = [None] * trainer.world_size
+        torch.distributed.all_gather_object(ranks, (env.global_rank(), env.node_rank(), env.local_rank()))
+        result["cluster_environment"], result["ranks"] = type(env).__name__, ranks
+        result["strategy"] = type(trainer.strategy).__module__ + "." + type(trainer.strategy).__name__
+        result["mesh_shape"] = trainer.strategy.mesh_shape
     elif args.strategy == "lightning":
         from lightning_mp.checkpoint.state import model_state
 
