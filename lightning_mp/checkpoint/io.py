@@ -13,6 +13,8 @@ What goes into either form, and loading it into a live model, is ``state.py``.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import contextlib
 import os
 import shutil
@@ -60,7 +62,7 @@ def replace_atomically(staging: Path, path: Path) -> None:
 
 
 @contextlib.contextmanager
-def without_single_process_warning():
+def without_single_process_warning() -> Iterator[None]:
     """torch.distributed.checkpoint run by one process without a process group (convert, a plain module):
     that is what we mean there, so torch's warning that it is "assuming" so would only alarm the user."""
     if dist.is_initialized():  # a real job: leave the (process-global) warning filters alone

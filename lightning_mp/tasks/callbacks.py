@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from typing import Any
 
 import lightning as L
 
@@ -15,10 +16,11 @@ class TokensPerSecond(L.Callback):
         self.mask_key = mask_key
         self._start = 0.0
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         self._start = time.perf_counter()
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
         if not isinstance(batch, Mapping) or self.mask_key not in batch:
             return
         elapsed = max(time.perf_counter() - self._start, 1e-9)
