@@ -27,16 +27,22 @@ from typing import Optional, Sequence
 RECIPES_PACKAGE = "lightning_mp.recipes"
 
 
+def checkout_recipes() -> Optional[Path]:
+    """``recipes/`` of the source tree this package was imported from (a checkout, installed editable or not)."""
+    root = Path(__file__).resolve().parent.parent
+    return root / "recipes" if (root / "pyproject.toml").is_file() and (root / "recipes").is_dir() else None
+
+
 def recipes_dir() -> Path:
-    """The installed ``lightning_mp/recipes`` (wheel or editable install), or a checkout's ``recipes/`` when
-    the package is imported from a source tree that was never installed."""
-    spec = importlib.util.find_spec(RECIPES_PACKAGE)
-    if spec is not None and spec.submodule_search_locations:
-        return Path(next(iter(spec.submodule_search_locations)))
-    checkout = Path(__file__).resolve().parent.parent / "recipes"
-    if checkout.is_dir():
+    """The recipes beside the imported package: a checkout's ``recipes/``, else the installed ``lightning_mp.recipes``
+    (never another tree's recipes found through some other install on the path)."""
+    checkout = checkout_recipes()
+    if checkout is not None:
         return checkout
-    raise RuntimeError(f"{RECIPES_PACKAGE} is not installed and there is no recipes/ next to {Path(__file__).parent}.")
+    spec = importlib.util.find_spec(RECIPES_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(f"{RECIPES_PACKAGE} is not installed and {Path(__file__).parent} is not in a checkout.")
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def config_dir() -> Path:
@@ -110,9 +116,9 @@ def cmd_run(args: argparse.Namespace) -> None:
     path = recipe_path(args.recipe)
     sys.argv = [str(path), *absolute_config_path(args.arguments)]
     module = f"{RECIPES_PACKAGE}.{args.recipe}"
-    # As a module when installed, so torchrun relaunches it the same way (tasks/launch.py); by path from a
-    # checkout that was never installed. Either way Hydra sees the recipe's file and its ../conf.
-    if importlib.util.find_spec(RECIPES_PACKAGE) is not None:
+    # Installed: as a module, so torchrun relaunches it the same way (tasks/launch.py). From a checkout: by
+    # path, as `python recipes/X.py` runs it. Either way Hydra sees the recipe's file and its ../conf.
+    if checkout_recipes() is None:
         runpy.run_module(module, run_name="__main__", alter_sys=True)
     else:
         runpy.run_path(str(path), run_name="__main__")
