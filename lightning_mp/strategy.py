@@ -240,11 +240,13 @@ class ModelParallelStrategy(CheckpointHooks, ParallelStrategy):
         return resolve_plan(module, self._user_plan, self.mesh_shape, self.parallel_config, self._split_points)
 
     def _parallelize(self, module: pl.LightningModule) -> None:
-        runtime = parallelize(module, self._resolve_plan(module), self.device_mesh, self.mesh_shape.data,
+        planned = self._resolve_plan(module)
+        tw = self._token_weighting
+        tw.shifted_labels = planned is not None and planned.plan.shifted_labels
+        runtime = parallelize(module, planned, self.device_mesh, self.mesh_shape.data,
                               self.parallel_config, self._precision, self.root_device, self._split_points)
         if runtime is not None:
-            tw = self._token_weighting
-            self._pipeline = PipelineLoop(runtime, tw.labels_key, tw.ignore_index, tw.enabled)
+            self._pipeline = PipelineLoop(runtime, tw.labels_key, tw.ignore_index, tw.enabled, tw.shifted_labels)
 
     @property
     def pipeline_group(self) -> Optional[Any]:
