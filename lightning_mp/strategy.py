@@ -281,7 +281,9 @@ class ModelParallelStrategy(CheckpointHooks, ParallelStrategy):
         # norms of gradients sharded over different meshes. Route it to the global-norm version.
         # Pipeline stages hold disjoint parameters: their squared norms are summed over the pipeline group.
         def clip_grad_by_norm(plugin: Any, optimizer: Optimizer, clip_val: Union[int, float]) -> None:
-            clip_grad_norm_(list(plugin.main_params(optimizer)), clip_val, extra_group=self.pipeline_group)
+            duplicates = self._pipeline.runtime.tied.duplicates if self._tied is not None else []
+            clip_grad_norm_(list(plugin.main_params(optimizer)), clip_val, extra_group=self.pipeline_group,
+                            duplicates=duplicates)
 
         self.precision_plugin.clip_grad_by_norm = types.MethodType(clip_grad_by_norm, self.precision_plugin)
 
@@ -341,6 +343,25 @@ class ModelParallelStrategy(CheckpointHooks, ParallelStrategy):
         self._observe(args[0] if args else kwargs.get("batch"))
         with self._token_weighting.reducing_logged_values(self.lightning_module):
             return step(*args, **kwargs)
+
+    @property
+    def _tied(self) -> Optional[Any]:
+        """Parameters tied across the first and last pipeline stage, if any."""
+        tied = self._pipeline.runtime.tied if self._pipeline is not None else None
+        return tied if tied is not None and tied.parameters else None
+
+    def optimizer_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
+        tied = self._tied
+        if tied is None:
+            return super().optimizer_step(optimizer, closure, model, **kwargs)
+
+        def closure_then_sum_tied() -> Any:
+            # After the window's last backward, before clipping and the step: the copies get one gradient.
+            result = closure()
+            tied.sync_gradients()
+            return result
+
+        return super().optimizer_step(optimizer, closure_then_sum_tied, model, **kwargs)
 
     def backward(self, closure_loss: Tensor, optimizer: Optional[Optimizer], *args: Any, **kwargs: Any) -> Tensor:
         if self._pipeline is not None:

@@ -65,3 +65,24 @@ def test_causal_lm_data_parallel_counts_shifted_labels(tmp_path, reference_runs)
     extra = ("--family", "llama", "--optimizer", "sgd", "--lr", "1.0")
     reference = reference_runs(*extra)
     assert_matches(run_worker(tmp_path, devices=2, layout={"data_parallel_size": 2}, extra=extra), reference)
+
+
+TIED = ("--family", "llama", *FOUR_LAYERS, "--config", '{"tie_word_embeddings": true}')
+
+
+def test_tied_embeddings_across_pipeline_stages(tmp_path, reference_runs):
+    """The first stage holds the embedding, the last stage a copy as lm_head; their gradients are summed
+    before each step, so both equal the single-process tied weight."""
+    result = run_worker(tmp_path, devices=2, layout={"pipeline_parallel_size": 2, "microbatches": 4}, extra=TIED)
+    assert_matches(result, reference_runs(*TIED))
+    state = result["state_dict"]
+    assert state["model.lm_head.weight"].equal(state["model.model.embed_tokens.weight"])
+
+
+def test_tied_embeddings_across_pipeline_and_data_parallel_with_clipping(tmp_path, reference_runs):
+    """pp2×dp2, clipped by the global norm (the tied weight counted once, as in one process)."""
+    extra = (*TIED, *FIXED_WIDTH, "--clip", "0.05")
+    layout = {"pipeline_parallel_size": 2, "data_parallel_size": 2, "microbatches": 2}
+    assert_matches(run_worker(tmp_path, devices=4, layout=layout, extra=extra), reference_runs(*extra))
+    unclipped = reference_runs(*TIED, *FIXED_WIDTH)
+    assert max_weight_difference(unclipped["state_dict"], reference_runs(*extra)["state_dict"]) > 1e-3

@@ -20,8 +20,8 @@ from lightning_mp.config import MeshShape, ParallelConfig, check_divisible, chec
 from lightning_mp.mesh import PIPELINE, TENSOR, fsdp_mesh
 from lightning_mp.parallel.activation_checkpointing import apply_activation_checkpointing
 from lightning_mp.parallel.fsdp import apply_fsdp, mixed_precision_policy
-from lightning_mp.pipeline.runtime import PipelineRuntime, build_pipeline
-from lightning_mp.pipeline.split import check_split_points, stage_blocks
+from lightning_mp.pipeline.runtime import PipelineRuntime, build_pipeline, check_ties
+from lightning_mp.pipeline.split import check_ownership, check_split_points, stage_blocks
 from lightning_mp.parallel.tensor import apply_tensor_parallel, expand_globs, present_globs
 from lightning_mp.plans import ModelPlan, find_plan
 
@@ -63,7 +63,7 @@ def resolve_plan(module: nn.Module, user_plan: Optional[ModelPlan], shape: MeshS
     if config.activation_checkpointing and plan.blocks is None:
         raise ValueError(f"activation_checkpointing=True needs a plan that names the blocks of {plan.name}.")
     if shape.pipeline > 1:
-        _check_pipelinable(module, path, model, plan, shape)
+        _check_pipelinable(module, path, model, plan, shape, config)
         if split_points is not None:
             num_stages = shape.pipeline * stages_per_rank(config.pipeline_schedule)
             check_split_points(split_points, num_stages, len(model.get_submodule(plan.blocks)))
@@ -78,7 +78,8 @@ def _no_pipeline_plan(shape: MeshShape, reason: str) -> str:
     )
 
 
-def _check_pipelinable(module: nn.Module, path: str, model: nn.Module, plan: ModelPlan, shape: MeshShape) -> None:
+def _check_pipelinable(module: nn.Module, path: str, model: nn.Module, plan: ModelPlan, shape: MeshShape,
+                       config: ParallelConfig) -> None:
     if plan.pipeline is None or plan.blocks is None:
         raise ValueError(_no_pipeline_plan(shape, f"the plan for {plan.name} describes no pipeline split"))
     if not path:
@@ -87,6 +88,7 @@ def _check_pipelinable(module: nn.Module, path: str, model: nn.Module, plan: Mod
             f" {type(module).__name__} (e.g. `self.model`), so the strategy can put this rank's stages in its place;"
             " register the plan for the model class with `lightning_mp.register_plan` instead of passing `plan=`."
         )
+    check_ties(check_ownership(model, plan), shape.pipeline, config.pipeline_schedule, plan.name)
     inside = {id(p) for p in model.parameters()}
     outside = [name for name, p in module.named_parameters() if id(p) not in inside]
     if outside:
