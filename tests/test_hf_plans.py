@@ -18,9 +18,6 @@ from lightning_mp.parallel.token_weighting import labelled_tokens
 from lightning_mp.pipeline.split import build_rank_modules
 from lightning_mp.plans import find_plan
 
-DECODERS = ["llama", "qwen2", "qwen3", "mistral", "gemma", "phi3", "olmo2"]
-
-
 @pytest.fixture
 def no_child_processes(monkeypatch):
     def refuse(self):
@@ -44,14 +41,15 @@ def test_labelled_tokens_shift_for_causal_lms():
     assert labelled_tokens(torch.tensor([1, 0, -100]), -100, shifted=True) == 2  # one label per row never shifts
 
 
-@pytest.mark.parametrize("family", DECODERS)
+@pytest.mark.parametrize("family", list(tiny_hf.FAMILIES))
 def test_stages_reproduce_the_unsplit_forward(family):
     model = tiny_hf.tiny_model(family, layers=4).eval()
-    dataset = tiny_hf.PaddedTokens("causal")
+    task = tiny_hf.FAMILIES[family][1]
+    dataset = tiny_hf.PaddedTokens(task)
     batch = tiny_hf.collate([dataset[i] for i in range(4)])
     reference = model(**batch)
     _, _, plan = find_plan(model)
-    assert plan.shifted_labels and plan.blocks == "model.layers"
+    assert plan.shifted_labels == (task == "causal")
     first, last = (build_rank_modules(model, plan, {i: blocks}, 2)[1][0] for i, blocks in enumerate([range(2), range(2, 4)]))
     assert {n for n, _ in first.named_parameters()} | {n for n, _ in last.named_parameters()} == \
         {n for n, _ in model.named_parameters()}
@@ -127,3 +125,22 @@ def test_tie_across_stages_on_one_rank_is_refused_before_launch(no_child_process
     with pytest.raises(ValueError, match=r"LlamaForCausalLM ties model.embed_tokens.weight to lm_head.weight, and"
                                          r" schedule 'zbv_zero_bubble' puts the first and the last stage on the same rank"):
         fit(2, module, pipeline_parallel_size=2, pipeline_schedule="zbv_zero_bubble", microbatches=4)
+
+
+def test_gpt2_conv1d_layers_shard_transposed():
+    from lightning_mp.parallel.styles import TransposedColwise, TransposedRowwise
+
+    _, _, plan = find_plan(tiny_hf.tiny_model("gpt2"))
+    styles = plan.tensor_parallel
+    assert isinstance(styles["transformer.h.*.mlp.c_fc"], TransposedColwise)
+    assert isinstance(styles["transformer.h.*.mlp.c_proj"], TransposedRowwise)
+    assert styles["transformer.h.*.attn.c_attn"].gather_output  # fused q/k/v: not whole heads per rank
+    assert plan.shifted_labels and plan.pipeline.first == ("transformer.wte", "transformer.wpe", "transformer.drop")
+
+
+@pytest.mark.parametrize("family,prefix", [("roberta", "roberta"), ("xlm-roberta", "roberta"), ("electra", "electra"),
+                                           ("distilbert", "distilbert")])
+def test_encoder_families_get_shipped_plans(family, prefix):
+    _, _, plan = find_plan(tiny_hf.tiny_model(family))
+    assert plan.blocks.startswith(prefix) and plan.tensor_parallel and plan.pipeline is not None
+    assert not plan.shifted_labels

@@ -7,7 +7,11 @@ store it by global shape.
 
 from __future__ import annotations
 
-from torch.distributed.tensor.parallel import SequenceParallel
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distribute_module, distribute_tensor
+from torch.distributed.tensor.parallel import ParallelStyle, SequenceParallel
 
 
 class HeadShardedNorm(SequenceParallel):
@@ -26,3 +30,62 @@ class HeadShardedNorm(SequenceParallel):
 
     def __init__(self) -> None:
         super().__init__(sequence_dim=self.HEADS_DIM, use_local_output=True)
+
+
+class TransposedColwise(ParallelStyle):
+    """Column-wise parallelism for a linear layer that stores its weight transposed, ``(in, out)``, and
+    computes ``x @ weight + bias`` (Hugging Face's ``Conv1D`` in GPT-2). torch's ColwiseParallel only
+    knows ``nn.Linear`` (weight ``(out, in)``): here the output columns are ``weight`` dim 1 and ``bias``
+    dim 0. The input arrives replicated; the output stays sharded on its last dimension, or is gathered
+    (``gather_output``, for a fused q/k/v whose columns are not whole heads per rank)."""
+
+    def __init__(self, gather_output: bool = False) -> None:
+        super().__init__()
+        self.gather_output = gather_output
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        def partition(name: str, mod: nn.Module, mesh: DeviceMesh) -> None:
+            _shard_parameters(mod, mesh, {"weight": Shard(1), "bias": Shard(0)})
+
+        def prepare_input(mod: nn.Module, inputs: tuple, mesh: DeviceMesh) -> tuple:
+            return (_as_dtensor(inputs[0], mesh, Replicate(), Replicate()), *inputs[1:])
+
+        def prepare_output(mod: nn.Module, output: DTensor, mesh: DeviceMesh) -> torch.Tensor:
+            return (output.redistribute(mesh, [Replicate()]) if self.gather_output else output).to_local()
+
+        return distribute_module(module, device_mesh, partition, prepare_input, prepare_output)
+
+
+class TransposedRowwise(ParallelStyle):
+    """Row-wise parallelism for a transposed-weight linear layer (see ``TransposedColwise``): ``weight``
+    dim 0 sharded, ``bias`` replicated (added once to the reduced sum). The input arrives sharded on its
+    last dimension, or replicated (``split_input``) and split locally; the output is all-reduced."""
+
+    def __init__(self, split_input: bool = False) -> None:
+        super().__init__()
+        self.split_input = split_input
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        def partition(name: str, mod: nn.Module, mesh: DeviceMesh) -> None:
+            _shard_parameters(mod, mesh, {"weight": Shard(0), "bias": Replicate()})
+
+        def prepare_input(mod: nn.Module, inputs: tuple, mesh: DeviceMesh) -> tuple:
+            arrives = Replicate() if self.split_input else Shard(inputs[0].dim() - 1)
+            return (_as_dtensor(inputs[0], mesh, arrives, Shard(inputs[0].dim() - 1)), *inputs[1:])
+
+        def prepare_output(mod: nn.Module, output: DTensor, mesh: DeviceMesh) -> torch.Tensor:
+            return output.redistribute(mesh, [Replicate()]).to_local()
+
+        return distribute_module(module, device_mesh, partition, prepare_input, prepare_output)
+
+
+def _shard_parameters(module: nn.Module, mesh: DeviceMesh, placements: dict[str, Placement]) -> None:
+    for name, param in list(module.named_parameters(recurse=False)):
+        module.register_parameter(name, nn.Parameter(distribute_tensor(param, mesh, [placements[name]]),
+                                                     requires_grad=param.requires_grad))
+
+
+def _as_dtensor(tensor: torch.Tensor, mesh: DeviceMesh, arrives: Placement, wanted: Placement) -> DTensor:
+    if not isinstance(tensor, DTensor):
+        tensor = DTensor.from_local(tensor, mesh, [arrives], run_check=False)
+    return tensor if tensor.placements == (wanted,) else tensor.redistribute(mesh, [wanted])

@@ -117,10 +117,12 @@ def _register_builtin_plans() -> None:
     if _builtins_registered:
         return
     _builtins_registered = True
-    from lightning_mp.plans import bert, hf
+    from lightning_mp.plans import bert, distilbert, gpt2, hf
 
     # First match wins: shipped per-family plans, then plans derived from transformers' own, then any other
     # causal LM (no parallel plan, but its labels are shifted).
     _REGISTRY.append((bert.is_bert, bert.bert_plan))
+    _REGISTRY.append((distilbert.is_distilbert, distilbert.distilbert_plan))
+    _REGISTRY.append((gpt2.is_gpt2, gpt2.gpt2_plan))
     _REGISTRY.append((hf.has_hf_plans, hf.hf_plan))
     _REGISTRY.append((hf.is_hf_causal_lm, hf.causal_lm_fallback))

@@ -19,9 +19,11 @@ Pipeline stages run the model's *own* code for everything around the blocks, so 
 need no code here:
 
 * ``block_context`` calls the base model's ``forward`` on every stage with its blocks replaced by stubs
-  that record the keyword arguments each block would get (causal mask, rotary ``position_embeddings``,
+  that record the arguments each block would get (causal mask, rotary ``position_embeddings``,
   ``position_ids``) and its final modules by identities; block ``i`` then gets exactly what block ``i``
-  gets in the unsplit model.
+  gets in the unsplit model. Embeddings a stage does not hold are stood in for.
+* ``embed`` (first stage) is what the same recorded call hands to block 0: token and position
+  embeddings, scaling, embedding dropout, whatever the family does.
 * ``head`` calls the head model's ``forward`` with its base model replaced by a stub that returns the
   last stage's hidden states after the final norm, so ``lm_head`` and any logit post-processing run as
   written; the loss is the model's own ``loss_function`` (shifted causal-LM loss).
@@ -32,6 +34,7 @@ from __future__ import annotations
 import sys
 from typing import Any, Callable
 
+import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import Replicate
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, SequenceParallel
@@ -160,25 +163,29 @@ def _pipeline_plan(model: nn.Module) -> tuple[str | None, PipelinePlan | None]:
     if base is not model and (not head_entries or not is_hf_causal_lm(model)):
         return blocks, None  # a head whose forward we cannot rebuild from its plan
     split = base_entries.index(blocks)
-    first, final = tuple(base_entries[:split]), tuple(base_entries[split + 1:])
-    pieces = _Pieces(prefix.rstrip("."), blocks, first, final)
-    return blocks, PipelinePlan(
-        first=first, last=final + tuple(head_entries), embed=pieces.embed, block_context=pieces.block_context,
-        block=pieces.block, head=pieces.head, model_output=pieces.model_output if base is not model else _base_output,
-    )
+    return blocks, own_code_pipeline(model, blocks, tuple(base_entries[:split]), tuple(base_entries[split + 1:]),
+                                     tuple(head_entries))
 
 
 class _BlockArguments(nn.Module):
-    """Stands in for block ``index`` while the base model's forward runs: records its keyword arguments
-    and passes the hidden states through."""
+    """Stands in for block ``index`` while the base model's forward runs: records what the block is
+    called with (hidden states and the other arguments) and passes the hidden states through."""
 
-    def __init__(self, index: int, record: dict[int, dict[str, Any]]) -> None:
+    def __init__(self, index: int, record: dict[int, tuple[Tensor, tuple, dict[str, Any]]]) -> None:
         super().__init__()
         self.index, self.record = index, record
 
     def forward(self, hidden: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        self.record[self.index] = kwargs
+        self.record[self.index] = (hidden, args, kwargs)
         return hidden
+
+
+class _Zero(nn.Module):
+    """Stands in for an embedding this stage does not hold (GPT-2 adds its position embedding to
+    ``inputs_embeds``): adds nothing."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        return torch.zeros(())
 
 
 class _FinalHidden(nn.Module):
@@ -190,9 +197,11 @@ class _FinalHidden(nn.Module):
         self.hidden = hidden
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        from transformers.modeling_outputs import BaseModelOutputWithPast
+        # The richest base output, so any head's forward finds the fields it copies (GPT-2 reads
+        # cross_attentions); all but the hidden states are None, as without output_* flags.
+        from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
 
-        return BaseModelOutputWithPast(last_hidden_state=self.hidden)
+        return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=self.hidden)
 
 
 class _Swapped:
@@ -213,41 +222,55 @@ class _Swapped:
             owner._modules[name] = module
 
 
-class _Pieces:
-    def __init__(self, base_path: str, blocks: str, first: tuple[str, ...], final: tuple[str, ...]) -> None:
-        self.base_path, self.blocks, self.first, self.final = base_path, blocks, first, final
+class OwnCodePieces:
+    """Stage functions that run the model's own forward code around the blocks (see the module
+    docstring); usable for any HF model whose base model loops over ``blocks`` once, in order, and
+    whose head model calls its base model and reads ``last_hidden_state`` / ``outputs[0]``.
 
-    def _base(self, model: nn.Module) -> nn.Module:
-        return model.get_submodule(self.base_path) if self.base_path else model
+    ``first``: modules before the blocks (embeddings, embedding dropout); ``final``: modules of the base
+    model after the blocks (final norm). ``base_path``: where the base model sits ("" for a base model).
+    """
+
+    def __init__(self, model: nn.Module, base_path: str, blocks: str, first: tuple[str, ...],
+                 final: tuple[str, ...]) -> None:
+        self.base_path, self.blocks, self.first, self.final = base_path, blocks, first, final
+        self.num_blocks = len(model.get_submodule(blocks))
+        self.embeddings = {path for path in first if isinstance(model.get_submodule(path), nn.Embedding)}
+
+    def _run_base(self, model: nn.Module, inputs: dict[str, Any], **embedding: Tensor) -> dict[int, tuple]:
+        """Run the base model's forward with every block a recorder and the final modules identities;
+        the modules before the blocks run when this stage holds them (first stage), else stand-ins."""
+        base = model.get_submodule(self.base_path) if self.base_path else model
+        record: dict[int, tuple] = {}
+        stubs = nn.ModuleList(_BlockArguments(i, record) for i in range(self.num_blocks))
+        swaps: dict[str, nn.Module] = {self.blocks: stubs, **{path: nn.Identity() for path in self.final}}
+        if "input_ids" not in embedding:  # stand-ins on stages without the embeddings
+            swaps.update((path, _Zero() if path in self.embeddings else nn.Identity()) for path in self.first)
+        with _Swapped(model, swaps):
+            # The class's forward: a pipelined base model is itself the stage, whose forward is replaced.
+            type(base).forward(base, attention_mask=inputs.get("attention_mask"),
+                               position_ids=inputs.get("position_ids"), use_cache=False, **embedding)
+        return record
 
     def embed(self, model: nn.Module, input_ids: Tensor, inputs: dict[str, Any]) -> Tensor:
-        hidden = input_ids
-        for path in self.first:  # e.g. embed_tokens, then an embedding dropout
-            hidden = model.get_submodule(path)(hidden)
-        return hidden
+        # What reaches block 0 in the unsplit model: embeddings, position embeddings, scaling, dropout.
+        return self._run_base(model, inputs, input_ids=input_ids)[0][0]
 
     def block_context(self, model: nn.Module, hidden: Tensor, inputs: dict[str, Any]) -> dict[str, Any]:
-        base = self._base(model)
-        num_blocks = model.config.get_text_config().num_hidden_layers
-        record: dict[int, dict[str, Any]] = {}
-        stubs = nn.ModuleList(_BlockArguments(i, record) for i in range(num_blocks))
-        identities = {path: nn.Identity() for path in (*self.first, *self.final)}
-        with _Swapped(model, {self.blocks: stubs, **identities}):
-            # The class's forward: a pipelined base model is itself the stage, whose forward is replaced.
-            type(base).forward(base, inputs_embeds=hidden, attention_mask=inputs.get("attention_mask"),
-                               position_ids=inputs.get("position_ids"), use_cache=False)
+        record = self._run_base(model, inputs, inputs_embeds=hidden)
         owned = model.get_submodule(self.blocks)
-        return {"per_block": {id(block): record[int(key)] for key, block in owned.items()}}
+        return {"per_block": {id(block): record[int(key)][1:] for key, block in owned.items()}}
 
     def block(self, block: nn.Module, hidden: Tensor, context: dict[str, Any]) -> Tensor:
-        return block(hidden, **context["per_block"][id(block)])
+        args, kwargs = context["per_block"][id(block)]
+        return block(hidden, *args, **kwargs)
 
     def head(self, model: nn.Module, hidden: Tensor, inputs: dict[str, Any]) -> Tensor:
         for path in self.final:
             hidden = model.get_submodule(path)(hidden)
         if not self.base_path:
             return hidden
-        # The class's forward: on a stage, ``model.forward`` is the stage's own (see pipeline_split).
+        # The class's forward: on a stage, ``model.forward`` is the stage's own (see pipeline/split.py).
         with _Swapped(model, {self.base_path: _FinalHidden(hidden)}):
             output = type(model).forward(model, inputs_embeds=hidden, attention_mask=inputs.get("attention_mask"),
                                          use_cache=False)
@@ -262,6 +285,17 @@ class _Pieces:
             loss = model.loss_function(logits=logits, labels=labels.to(logits.device),
                                        vocab_size=model.config.get_text_config().vocab_size)
         return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+
+def own_code_pipeline(model: nn.Module, blocks: str, first: tuple[str, ...], final: tuple[str, ...],
+                      head: tuple[str, ...]) -> PipelinePlan:
+    """A PipelinePlan for a causal LM (or its base model) from where its parts are."""
+    base_path = "" if model.base_model is model else model.base_model_prefix
+    pieces = OwnCodePieces(model, base_path, blocks, first, final)
+    return PipelinePlan(
+        first=first, last=final + head, embed=pieces.embed, block_context=pieces.block_context, block=pieces.block,
+        head=pieces.head, model_output=pieces.model_output if base_path else _base_output,
+    )
 
 
 def _base_output(model: nn.Module, hidden: Tensor, kwargs: dict[str, Any]) -> Any:

@@ -39,12 +39,16 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "phi3": ("phi3", "causal", {**_COMMON, **_NO_DROPOUT, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
                                 "pad_token_id": PAD}),
     "olmo2": ("olmo2", "causal", {**_COMMON, **_NO_DROPOUT}),
+    "bert": ("bert", "token", _BERT_LIKE),
     "roberta": ("roberta", "token", {**_BERT_LIKE, "pad_token_id": 1}),
+    "xlm-roberta": ("xlm-roberta", "token", {**_BERT_LIKE, "pad_token_id": 1}),
+    "electra": ("electra", "token", {**_BERT_LIKE, "embedding_size": 16}),
     "distilbert": ("distilbert", "token", dict(vocab_size=VOCAB, dim=32, n_heads=4, hidden_dim=64,
                                                max_position_embeddings=64, pad_token_id=PAD, dropout=0.0,
                                                attention_dropout=0.0, num_labels=LABELS)),
     "gpt2": ("gpt2", "causal", dict(vocab_size=VOCAB, n_embd=32, n_head=4, n_inner=64, n_positions=64,
-                                    resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=False)),
+                                    resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=False,
+                                    bos_token_id=1, eos_token_id=2)),
 }
 
 
