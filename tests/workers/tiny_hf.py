@@ -36,6 +36,11 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "qwen3": ("qwen3", "causal", {**_COMMON, **_NO_DROPOUT, "head_dim": 8}),
     "mistral": ("mistral", "causal", {**_COMMON, **_NO_DROPOUT, "sliding_window": None}),
     "gemma": ("gemma", "causal", {**_COMMON, **_NO_DROPOUT, "head_dim": 8}),
+    # Sliding-window layers (window 4 < the 12-token rows) alternate with full attention, each with its
+    # own rotary embedding; q/k norms are head-sharded; logits are soft-capped.
+    "gemma3": ("gemma3_text", "causal", {**_COMMON, **_NO_DROPOUT, "head_dim": 8, "sliding_window": 4,
+                                         "layer_types": None, "sliding_window_pattern": 2,
+                                         "final_logit_softcapping": 30.0}),
     "phi3": ("phi3", "causal", {**_COMMON, **_NO_DROPOUT, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
                                 "pad_token_id": PAD}),
     "olmo2": ("olmo2", "causal", {**_COMMON, **_NO_DROPOUT}),
