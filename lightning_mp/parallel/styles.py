@@ -26,7 +26,10 @@ class HeadShardedNorm(SequenceParallel):
     attention that follows works on local heads).
     """
 
-    HEADS_DIM = 2  # HF attention views projections as (*input_shape, -1, head_dim) before the norm
+    # HF attention views projections as (*input_shape, -1, head_dim) before the norm. Which non-last dim
+    # is marked sharded is bookkeeping only: the norm works row by row over head_dim, so the weight
+    # gradient is the same partial sum whether heads sit at dim 1 or 2.
+    HEADS_DIM = 2
 
     def __init__(self) -> None:
         super().__init__(sequence_dim=self.HEADS_DIM, use_local_output=True)

@@ -37,7 +37,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import Replicate
-from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, SequenceParallel
+from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel
 
 from lightning_mp.parallel.styles import HeadShardedNorm
 from lightning_mp.plans import ModelPlan, PipelinePlan
@@ -45,7 +45,10 @@ from lightning_mp.plans import ModelPlan, PipelinePlan
 # HF style name -> torch style (factory). Column-wise output stays sharded, or is gathered ("_rep",
 # "_gather_output"); row-wise input arrives sharded, or replicated and split locally ("_split_input",
 # "_rep"). ``embedding_rowwise`` is a vocabulary-parallel embedding: torch's RowwiseParallel on an
-# nn.Embedding shards the rows and sums the partial lookups.
+# nn.Embedding shards the rows and sums the partial lookups. ``replicated_with_grad_allreduce`` (q/k/v
+# norms of 27 families) is a norm over the last dim of head-sharded states: ``HeadShardedNorm``.
+# Left out on purpose: ``sequence_parallel`` (no family uses it in transformers 5.24, and between these
+# styles its input would arrive replicated, not sequence-sharded), MoE / packed / MLA styles, ``local_params``.
 HF_STYLES: dict[str, Callable[[], ParallelStyle]] = {
     "colwise": ColwiseParallel,
     "colwise_rep": lambda: ColwiseParallel(output_layouts=Replicate()),
@@ -54,7 +57,6 @@ HF_STYLES: dict[str, Callable[[], ParallelStyle]] = {
     "rowwise_rep": lambda: RowwiseParallel(input_layouts=Replicate()),
     "rowwise_split_input": lambda: RowwiseParallel(input_layouts=Replicate()),
     "embedding_rowwise": lambda: RowwiseParallel(input_layouts=Replicate()),
-    "sequence_parallel": lambda: SequenceParallel(use_local_output=True),
     "replicated_with_grad_allreduce": HeadShardedNorm,
 }
 
