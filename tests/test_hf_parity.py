@@ -89,3 +89,14 @@ def test_tied_embeddings_across_pipeline_and_data_parallel_with_clipping(tmp_pat
     assert_matches(run_worker(tmp_path, devices=4, layout=layout, extra=extra), reference_runs(*extra))
     unclipped = reference_runs(*TIED, *FIXED_WIDTH)
     assert max_weight_difference(unclipped["state_dict"], reference_runs(*extra)["state_dict"]) > 1e-3
+
+
+def test_causal_lm_validation_under_pipeline_and_data_parallelism(tmp_path, reference_runs):
+    """Forward-only pipeline schedule, the model answering with the pipeline's logits, and the logged
+    val_loss token-weighted over data-parallel ranks with shifted counts (22 rows: the last local batch
+    is padded to the microbatches)."""
+    extra = ("--family", "llama", *FOUR_LAYERS, *FIXED_WIDTH, "--validate")
+    layout = {"pipeline_parallel_size": 2, "data_parallel_size": 2, "microbatches": 2}
+    result, reference = run_worker(tmp_path, devices=4, layout=layout, extra=extra), reference_runs(*extra)
+    assert_matches(result, reference)
+    assert result["validation"]["val_loss"] == pytest.approx(reference["validation"]["val_loss"], abs=FP32_TOLERANCE)

@@ -134,6 +134,9 @@ class TinyHFModule(L.LightningModule):
         self.log("train_loss", loss, sync_dist=True)
         return loss
 
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", self.model(**batch).loss, sync_dist=True)
+
     def configure_optimizers(self):
         if self.optimizer == "sgd":
             return torch.optim.SGD(self.parameters(), lr=self.lr)
