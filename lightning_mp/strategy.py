@@ -281,9 +281,9 @@ class ModelParallelStrategy(CheckpointHooks, ParallelStrategy):
         # norms of gradients sharded over different meshes. Route it to the global-norm version.
         # Pipeline stages hold disjoint parameters: their squared norms are summed over the pipeline group.
         def clip_grad_by_norm(plugin: Any, optimizer: Optimizer, clip_val: Union[int, float]) -> None:
-            duplicates = self._pipeline.runtime.tied.duplicates if self._tied is not None else []
+            tied = self._tied  # a weight tied across the first and last stage counts once, as unsplit
             clip_grad_norm_(list(plugin.main_params(optimizer)), clip_val, extra_group=self.pipeline_group,
-                            duplicates=duplicates)
+                            duplicates=tied.duplicates if tied is not None else ())
 
         self.precision_plugin.clip_grad_by_norm = types.MethodType(clip_grad_by_norm, self.precision_plugin)
 
