@@ -260,11 +260,13 @@ class ModelParallelStrategy(CheckpointHooks, ParallelStrategy):
         return resolve_plan(module, self._user_plan, self.mesh_shape, self.parallel_config, self._split_points)
 
     def _parallelize(self, module: pl.LightningModule) -> None:
-        runtime = parallelize(module, self._resolve_plan(module), self.device_mesh, self.mesh_shape.data,
+        planned = self._resolve_plan(module)
+        tw = self._token_weighting
+        tw.shifted_labels = planned is not None and planned.plan.shifted_labels
+        runtime = parallelize(module, planned, self.device_mesh, self.mesh_shape.data,
                               self.parallel_config, self._precision, self.root_device, self._split_points)
         if runtime is not None:
-            tw = self._token_weighting
-            self._pipeline = PipelineLoop(runtime, tw.labels_key, tw.ignore_index, tw.enabled)
+            self._pipeline = PipelineLoop(runtime, tw.labels_key, tw.ignore_index, tw.enabled, tw.shifted_labels)
 
     @property
     def pipeline_group(self) -> Optional[Any]:
@@ -299,7 +301,9 @@ class ModelParallelStrategy(CheckpointHooks, ParallelStrategy):
         # norms of gradients sharded over different meshes. Route it to the global-norm version.
         # Pipeline stages hold disjoint parameters: their squared norms are summed over the pipeline group.
         def clip_grad_by_norm(plugin: Any, optimizer: Optimizer, clip_val: Union[int, float]) -> None:
-            clip_grad_norm_(list(plugin.main_params(optimizer)), clip_val, extra_group=self.pipeline_group)
+            tied = self._tied  # a weight tied across the first and last stage counts once, as unsplit
+            clip_grad_norm_(list(plugin.main_params(optimizer)), clip_val, extra_group=self.pipeline_group,
+                            duplicates=tied.duplicates if tied is not None else ())
 
         self.precision_plugin.clip_grad_by_norm = types.MethodType(clip_grad_by_norm, self.precision_plugin)
 
@@ -359,6 +363,25 @@ class ModelParallelStrategy(CheckpointHooks, ParallelStrategy):
         self._observe(args[0] if args else kwargs.get("batch"))
         with self._token_weighting.reducing_logged_values(self.lightning_module):
             return step(*args, **kwargs)
+
+    @property
+    def _tied(self) -> Optional[Any]:
+        """Parameters tied across the first and last pipeline stage, if any."""
+        tied = self._pipeline.runtime.tied if self._pipeline is not None else None
+        return tied if tied is not None and tied.parameters else None
+
+    def optimizer_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
+        tied = self._tied
+        if tied is None:
+            return super().optimizer_step(optimizer, closure, model, **kwargs)
+
+        def closure_then_sum_tied() -> Any:
+            # After the window's last backward, before clipping and the step: the copies get one gradient.
+            result = closure()
+            tied.sync_gradients()
+            return result
+
+        return super().optimizer_step(optimizer, closure_then_sum_tied, model, **kwargs)
 
     def backward(self, closure_loss: Tensor, optimizer: Optional[Optimizer], *args: Any, **kwargs: Any) -> Tensor:
         if self._pipeline is not None:

@@ -19,11 +19,12 @@ from lightning_mp.pipeline.steps import PipelineLoop, _combine_logs  # noqa: E40
 from lightning_mp.plans import find_plan  # noqa: E402
 
 
-def loop(microbatches: int, token_weighted: bool = True) -> PipelineLoop:
+def loop(microbatches: int, token_weighted: bool = True, shifted_labels: bool = False) -> PipelineLoop:
     # Only the batch arithmetic is exercised: it needs the microbatch count, not a process group.
     instance = PipelineLoop.__new__(PipelineLoop)
     instance.runtime = SimpleNamespace(microbatches=microbatches)
     instance.labels_key, instance.ignore_index, instance.token_weighted = "labels", -100, token_weighted
+    instance.shifted_labels = shifted_labels
     return instance
 
 
@@ -61,6 +62,13 @@ def test_microbatch_weights_are_token_shares():
     assert loop(2)._microbatch_weights({"labels": labels}, 4) == [0.75, 0.25]
     assert loop(2, token_weighted=False)._microbatch_weights({"labels": labels}, 4) == [0.5, 0.5]
     assert loop(4)._microbatch_weights({"input_ids": labels}, 4) == [0.25] * 4
+
+
+def test_microbatch_weights_of_a_causal_lm_count_shifted_labels():
+    # A causal LM never predicts the first label of a row: rows with 3 and 1 labels give 2 and 0 targets.
+    labels = torch.tensor([[5, 6, 7, -100], [5, -100, -100, -100]])
+    assert loop(2)._microbatch_weights({"labels": labels}, 2) == [0.75, 0.25]
+    assert loop(2, shifted_labels=True)._microbatch_weights({"labels": labels}, 2) == [1.0, 0.0]
 
 
 def test_last_batch_is_padded_with_ignored_labels_or_rejected_without_them():

@@ -9,7 +9,7 @@ names), so ``configure_optimizers``, checkpoints and hooks see only what this ra
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Optional, Sequence
 
 import torch
@@ -20,9 +20,9 @@ from lightning_mp.config import MeshShape, ParallelConfig, check_divisible, chec
 from lightning_mp.mesh import PIPELINE, TENSOR, fsdp_mesh
 from lightning_mp.parallel.activation_checkpointing import apply_activation_checkpointing
 from lightning_mp.parallel.fsdp import apply_fsdp, mixed_precision_policy
-from lightning_mp.pipeline.runtime import PipelineRuntime, build_pipeline
-from lightning_mp.pipeline.split import check_split_points, stage_blocks
-from lightning_mp.parallel.tensor import apply_tensor_parallel
+from lightning_mp.pipeline.runtime import PipelineRuntime, build_pipeline, check_ties
+from lightning_mp.pipeline.split import check_ownership, check_split_points, stage_blocks
+from lightning_mp.parallel.tensor import apply_tensor_parallel, expand_globs, present_globs
 from lightning_mp.plans import ModelPlan, find_plan
 
 
@@ -52,13 +52,18 @@ def resolve_plan(module: nn.Module, user_plan: Optional[ModelPlan], shape: MeshS
             raise ValueError(_no_pipeline_plan(shape, f"no plan is known for the models inside {type(module).__name__}"))
         return None
     path, model, plan = found
+    for axis, size in (("tensor", shape.tensor), ("pipeline", shape.pipeline)):
+        if size > 1 and axis in plan.unsupported:
+            raise ValueError(f"{axis}_parallel_size={size}, but {plan.unsupported[axis]}.")
     check_divisible(shape.tensor, plan.divisible_sizes, plan.name)
+    if shape.tensor > 1:
+        expand_globs(model, plan.tensor_parallel)  # every glob must match the unsplit model
     if plan.blocks is not None:
         check_pipeline(config, len(model.get_submodule(plan.blocks)))
     if config.activation_checkpointing and plan.blocks is None:
         raise ValueError(f"activation_checkpointing=True needs a plan that names the blocks of {plan.name}.")
     if shape.pipeline > 1:
-        _check_pipelinable(module, path, model, plan, shape)
+        _check_pipelinable(module, path, model, plan, shape, config)
         if split_points is not None:
             num_stages = shape.pipeline * stages_per_rank(config.pipeline_schedule)
             check_split_points(split_points, num_stages, len(model.get_submodule(plan.blocks)))
@@ -73,7 +78,8 @@ def _no_pipeline_plan(shape: MeshShape, reason: str) -> str:
     )
 
 
-def _check_pipelinable(module: nn.Module, path: str, model: nn.Module, plan: ModelPlan, shape: MeshShape) -> None:
+def _check_pipelinable(module: nn.Module, path: str, model: nn.Module, plan: ModelPlan, shape: MeshShape,
+                       config: ParallelConfig) -> None:
     if plan.pipeline is None or plan.blocks is None:
         raise ValueError(_no_pipeline_plan(shape, f"the plan for {plan.name} describes no pipeline split"))
     if not path:
@@ -82,6 +88,7 @@ def _check_pipelinable(module: nn.Module, path: str, model: nn.Module, plan: Mod
             f" {type(module).__name__} (e.g. `self.model`), so the strategy can put this rank's stages in its place;"
             " register the plan for the model class with `lightning_mp.register_plan` instead of passing `plan=`."
         )
+    check_ties(check_ownership(model, plan), shape.pipeline, config.pipeline_schedule, plan.name)
     inside = {id(p) for p in model.parameters()}
     outside = [name for name, p in module.named_parameters() if id(p) not in inside]
     if outside:
@@ -130,7 +137,8 @@ def _parallelize_pipeline(module: nn.Module, planned: PlannedModel, mesh: Device
 
     def parallelize_stage(stage: nn.Module) -> None:
         # The stage module is the FSDP root: torch's PipelineStage drives its gradient reduction.
-        _apply_axes(stage, stage, stage_blocks(stage, plan), plan, mesh, dp_mesh, config, policy)
+        stage_plan = replace(plan, tensor_parallel=present_globs(stage, plan.tensor_parallel))
+        _apply_axes(stage, stage, stage_blocks(stage, plan), stage_plan, mesh, dp_mesh, config, policy)
 
     runtime = build_pipeline(
         planned.model, plan, mesh[PIPELINE], config.pipeline_schedule, config.microbatches or mesh[PIPELINE].size(),

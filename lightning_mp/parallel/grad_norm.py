@@ -68,10 +68,16 @@ def clip_grad_norm_(
     max_norm: float,
     norm_type: float = 2.0,
     extra_group: dist.ProcessGroup | None = None,
+    duplicates: Iterable[Tensor] = (),
 ) -> Tensor:
-    """Scale gradients in place so their global norm is at most ``max_norm``; returns the norm before."""
+    """Scale gradients in place so their global norm is at most ``max_norm``; returns the norm before.
+
+    ``duplicates``: parameters whose gradient is a copy of one another rank counts (a weight tied across
+    pipeline stages); scaled, but not counted again in the norm.
+    """
     parameters = [p for p in parameters if p.grad is not None]
-    total = total_grad_norm(parameters, norm_type, extra_group)
+    skip = {id(p) for p in duplicates}
+    total = total_grad_norm([p for p in parameters if id(p) not in skip], norm_type, extra_group)
     coefficient = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad for p in parameters]
     if grads:

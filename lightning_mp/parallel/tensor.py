@@ -36,18 +36,29 @@ def to_style(style: Style) -> ParallelStyle:
     return STYLE_NAMES[style]()
 
 
+def _matches(paths: list[str], pattern: str) -> list[str]:
+    parts = pattern.split(".")
+    return [
+        path
+        for path in paths
+        if len(path.split(".")) == len(parts) and all(fnmatchcase(atom, want) for atom, want in zip(path.split("."), parts))
+    ]
+
+
+def present_globs(module: nn.Module, plan: dict[str, Style]) -> dict[str, Style]:
+    """The entries of ``plan`` that match a module of ``module``: a pipeline stage holds only part of the
+    model (the embedding glob means nothing on a stage without the embedding). The globs are checked
+    against the whole model before it is split (``expand_globs``)."""
+    paths = [name for name, _ in module.named_modules() if name]
+    return {pattern: style for pattern, style in plan.items() if _matches(paths, pattern)}
+
+
 def expand_globs(module: nn.Module, plan: dict[str, Style]) -> dict[str, ParallelStyle]:
     """Resolve each glob to concrete module paths; a glob matching nothing is an error, not a no-op."""
     paths = [name for name, _ in module.named_modules() if name]
     resolved: dict[str, ParallelStyle] = {}
     for pattern, style in plan.items():
-        parts = pattern.split(".")
-        hits = [
-            path
-            for path in paths
-            if len(path.split(".")) == len(parts)
-            and all(fnmatchcase(atom, want) for atom, want in zip(path.split("."), parts))
-        ]
+        hits = _matches(paths, pattern)
         if not hits:
             raise ValueError(
                 f"Tensor-parallel plan entry {pattern!r} matches no module of {type(module).__name__};"

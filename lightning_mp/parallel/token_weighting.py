@@ -22,16 +22,22 @@ def _is_mean(reduce_fx: Any) -> bool:
     return reduce_fx is torch.mean or (isinstance(reduce_fx, str) and reduce_fx.lower() in ("mean", "avg"))
 
 
-def labelled_tokens(labels: Tensor, ignore_index: int) -> Tensor:
-    """The tokens a loss averages over: labels that are not ``ignore_index`` (the one counting rule)."""
+def labelled_tokens(labels: Tensor, ignore_index: int, shifted: bool = False) -> Tensor:
+    """The tokens a loss averages over (the one counting rule): labels that are not ``ignore_index``,
+    without the first position of every row when ``shifted``. A causal LM shifts its labels inside the
+    model (token ``t`` predicts label ``t + 1``), so the first label of a row is never a target; counting
+    it is off by one per row, which weights ranks and microbatches wrongly exactly when rows are padded
+    to different lengths. Row labels (one per sequence) never shift."""
+    if shifted and labels.dim() >= 2:
+        labels = labels[..., 1:]
     return (labels != ignore_index).sum()
 
 
-def count_labelled_tokens(batch: Any, labels_key: str, ignore_index: int) -> Tensor | None:
+def count_labelled_tokens(batch: Any, labels_key: str, ignore_index: int, shifted: bool = False) -> Tensor | None:
     labels = batch.get(labels_key) if isinstance(batch, Mapping) else getattr(batch, labels_key, None)
     if not isinstance(labels, Tensor):
         return None
-    return labelled_tokens(labels, ignore_index).to(torch.float64)
+    return labelled_tokens(labels, ignore_index, shifted).to(torch.float64)
 
 
 class TokenWeighting:
@@ -41,6 +47,8 @@ class TokenWeighting:
         self.labels_key = labels_key
         self.ignore_index = ignore_index
         self.enabled = enabled
+        # Set from the model's plan once it is known (causal LMs shift their labels).
+        self.shifted_labels = False
         self.loss_scale = 1.0
         self._local_tokens: Tensor | None = None
         self._reducing = False
@@ -51,7 +59,7 @@ class TokenWeighting:
         self._local_tokens = None
         if not self.enabled or data_size == 1:
             return
-        local = count_labelled_tokens(batch, self.labels_key, self.ignore_index)
+        local = count_labelled_tokens(batch, self.labels_key, self.ignore_index, self.shifted_labels)
         if local is None:
             return
         total = local.clone()

@@ -32,12 +32,13 @@ from lightning_mp.config import MULTI_STAGE_SCHEDULES, PIPELINE_SCHEDULES, stage
 from lightning_mp.pipeline.loss import LossSlot
 from lightning_mp.pipeline.split import (
     block_list,
-    check_ownership,
-    require_pipeline,
     block_ranges,
     build_rank_modules,
+    check_ownership,
     plan_split,
+    require_pipeline,
 )
+from lightning_mp.pipeline.tied import TiedAcrossStages
 from lightning_mp.plans import ModelPlan, PipelinePlan
 
 SCHEDULE_CLASSES = {
@@ -113,6 +114,7 @@ class PipelineRuntime:
         self._last_rank = last_stage_rank(pp_mesh.size(), schedule_name)
         self._shapes: dict[str, tuple] = {}
         self._eval_schedule: Any = None
+        self.tied: Optional[TiedAcrossStages] = None  # parameters tied across the first and last stage
 
     # ------------------------------------------------------------ properties
     @property
@@ -252,8 +254,9 @@ def build_pipeline(
             activation checkpointing, FSDP: torch's stages treat an FSDP root module specially).
     """
     pipeline = require_pipeline(plan)
-    check_ownership(model, plan)
+    ties = check_ownership(model, plan)
     pp_size, pp_rank = pp_mesh.size(), pp_mesh.get_local_rank()
+    check_ties(ties, pp_size, schedule_name, plan.name)
     num_stages = pp_size * stages_per_rank(schedule_name)
     num_blocks = len(block_list(model, plan))
     problem = too_few_blocks(num_stages, num_blocks, stages_per_rank(schedule_name))
@@ -274,11 +277,26 @@ def build_pipeline(
             parallelize_stage(module)
         stages.append(PipelineStage(module, index, num_stages, device, group=group))
 
+    last_rank = last_stage_rank(pp_size, schedule_name)
+    tied = TiedAcrossStages(ties, shell, 0 in held, num_stages - 1 in held,
+                            TiedAcrossStages.groups_for(ties, group, 0, last_rank))
     slot = LossSlot()
     schedule_cls = SCHEDULE_CLASSES[schedule_name]
     # scale_grads=False: each microbatch loss is already its share of the batch loss (see pipeline/loss.py).
     target = stages if schedule_name in MULTI_STAGE_SCHEDULES else stages[0]
     schedule = schedule_cls(target, n_microbatches=microbatches, loss_fn=slot, scale_grads=False)
     slot.watch(schedule)
-    return PipelineRuntime(shell, stage_modules, stages, schedule, pp_mesh, schedule_name, pipeline, device, points,
-                           microbatches, slot)
+    runtime = PipelineRuntime(shell, stage_modules, stages, schedule, pp_mesh, schedule_name, pipeline, device, points,
+                              microbatches, slot)
+    runtime.tied = tied
+    return runtime
+
+
+def check_ties(ties: Sequence[tuple[str, str]], pp_size: int, schedule_name: str, name: str) -> None:
+    """A tie across the first and last stage needs them on different ranks: one rank holding both would
+    put one parameter into two FSDP-wrapped stage modules."""
+    if ties and last_stage_rank(pp_size, schedule_name) == 0:
+        raise ValueError(
+            f"{name} ties {ties[0][0]} to {ties[0][1]}, and schedule {schedule_name!r} puts the first and the last"
+            " stage on the same rank; use another schedule (e.g. '1f1b' or 'interleaved_1f1b') or untie them."
+        )

@@ -160,9 +160,11 @@ def stage_blocks(stage_module: nn.Module, plan: ModelPlan) -> list[nn.Module]:
     return block_list(stage_module, plan)
 
 
-def check_ownership(model: nn.Module, plan: ModelPlan) -> None:
-    """Every parameter must belong to exactly one part (first, a block, last); a tied parameter used by
-    two parts would become two independent copies on different stages."""
+def check_ownership(model: nn.Module, plan: ModelPlan) -> list[tuple[str, str]]:
+    """Every parameter must belong to exactly one part (first, a block, last), except one tied between
+    the first and the last part (input and output embeddings): each of the two stages then holds a copy
+    under its own name, and the pipeline keeps the copies equal (``pipeline/tied.py``). Returns those ties
+    as (name on the first stage, name on the last stage); any other tie would become independent copies."""
     pipeline = require_pipeline(plan)
     for path in (*pipeline.first, *pipeline.last):
         if _get(model, path) is None:
@@ -188,12 +190,19 @@ def check_ownership(model: nn.Module, plan: ModelPlan) -> None:
             f"pipeline plan of {plan.name}: parameters {', '.join(unowned[:6])}{' ...' if len(unowned) > 6 else ''}"
             " belong to no stage; list their modules in PipelinePlan.first or PipelinePlan.last."
         )
-    tied = [names_of_tensor[key] for key, parts in parts_of_tensor.items() if len(parts) > 1]
-    if tied:
+    ties, other = [], []
+    for key, parts in parts_of_tensor.items():
+        if parts == {"first", "last"}:
+            names = names_of_tensor[key]
+            ties.append((next(n for n in names if part_of(n) == "first"), next(n for n in names if part_of(n) == "last")))
+        elif len(parts) > 1:
+            other.append(names_of_tensor[key])
+    if other:
         raise ValueError(
-            f"pipeline plan of {plan.name}: tied parameters {tied[0]} are used by different pipeline parts;"
-            " untie them (e.g. tie_word_embeddings=False) or keep the model unpipelined."
+            f"pipeline plan of {plan.name}: tied parameters {other[0]} are used by different pipeline parts (only"
+            " a tie between the first and the last stage is supported); untie them or keep the model unpipelined."
         )
+    return ties
 
 
 @dataclass(frozen=True)

@@ -38,11 +38,13 @@ from lightning_mp.pipeline.runtime import PipelineRuntime
 class PipelineLoop:
     """Runs one LightningModule step through this rank's pipeline stages."""
 
-    def __init__(self, runtime: PipelineRuntime, labels_key: str, ignore_index: int, token_weighted: bool) -> None:
+    def __init__(self, runtime: PipelineRuntime, labels_key: str, ignore_index: int, token_weighted: bool,
+                 shifted_labels: bool = False) -> None:
         self.runtime = runtime
         self.labels_key = labels_key
         self.ignore_index = ignore_index
         self.token_weighted = token_weighted
+        self.shifted_labels = shifted_labels
         self._group_ranks = dist.get_process_group_ranks(runtime.group)
         self._pending: list[tuple[Tensor, Optional[Tensor]]] = []
         runtime.shell.forward = _outside_steps
@@ -131,7 +133,7 @@ class PipelineLoop:
         labels = batch.get(self.labels_key) if self.token_weighted else None
         if not isinstance(labels, Tensor) or labels.shape[0] != size:
             return [1.0 / m] * m
-        counts = [labelled_tokens(chunk, self.ignore_index).item() for chunk in labels.chunk(m)]
+        counts = [labelled_tokens(chunk, self.ignore_index, self.shifted_labels).item() for chunk in labels.chunk(m)]
         total = sum(counts)
         return [c / total for c in counts] if total else [1.0 / m] * m
 

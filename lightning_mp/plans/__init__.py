@@ -67,6 +67,10 @@ class ModelPlan:
         name: a human name for error messages.
         pipeline: how to run the model split into pipeline stages; None when the model cannot be
             pipelined (no ``blocks``, tied weights across first and last stage, ...).
+        shifted_labels: the model's own loss shifts ``labels`` by one position (causal LMs): token
+            weighting then counts ``labels[..., 1:]`` (see ``parallel.token_weighting.labelled_tokens``).
+        unsupported: axis (``"tensor"``, ``"pipeline"``) -> why this model cannot use it; checked with the
+            degrees before anything is launched (e.g. mixture-of-experts layers, an unknown style).
     """
 
     tensor_parallel: dict[str, Style] = field(default_factory=dict)
@@ -74,6 +78,8 @@ class ModelPlan:
     divisible_sizes: dict[str, int] = field(default_factory=dict)
     name: str = "custom model"
     pipeline: Optional[PipelinePlan] = None
+    shifted_labels: bool = False
+    unsupported: dict[str, str] = field(default_factory=dict)
 
 
 PlanFactory = Callable[[nn.Module], ModelPlan]
@@ -111,6 +117,12 @@ def _register_builtin_plans() -> None:
     if _builtins_registered:
         return
     _builtins_registered = True
-    from lightning_mp.plans import bert
+    from lightning_mp.plans import bert, distilbert, gpt2, hf
 
+    # First match wins: shipped per-family plans, then plans derived from transformers' own, then any other
+    # causal LM (no parallel plan, but its labels are shifted).
     _REGISTRY.append((bert.is_bert, bert.bert_plan))
+    _REGISTRY.append((distilbert.is_distilbert, distilbert.distilbert_plan))
+    _REGISTRY.append((gpt2.is_gpt2, gpt2.gpt2_plan))
+    _REGISTRY.append((hf.has_hf_plans, hf.hf_plan))
+    _REGISTRY.append((hf.is_hf_causal_lm, hf.causal_lm_fallback))

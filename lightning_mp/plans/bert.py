@@ -1,4 +1,5 @@
-"""Hugging Face BERT family: BertModel and every BertFor* head (all-MiniLM-L6-v2 is a BERT).
+"""Hugging Face BERT family: BertModel and every BertFor* head (all-MiniLM-L6-v2 is a BERT), and the
+families built from BERT's layer: RoBERTa, XLM-RoBERTa and ELECTRA (one plan, found by base-model prefix).
 
 Tensor parallelism follows Megatron's split of a transformer layer: q/k/v and the FFN input are
 column-wise (each rank owns whole heads / a slice of the FFN width), the attention output and the FFN
@@ -35,12 +36,20 @@ _LAYER_STYLES = {
 
 
 def is_bert(module: nn.Module) -> bool:
+    """BERT and the families with BERT's layer (same module names, same ``view(..., -1, head_dim)``):
+    RoBERTa, XLM-RoBERTa, ELECTRA."""
     transformers = sys.modules.get("transformers")  # not imported means it cannot be a HF model
     if transformers is None:
         return False
-    from transformers import BertPreTrainedModel
+    from transformers import (
+        BertPreTrainedModel,
+        ElectraPreTrainedModel,
+        RobertaPreTrainedModel,
+        XLMRobertaPreTrainedModel,
+    )
 
-    return isinstance(module, BertPreTrainedModel)
+    return isinstance(module, (BertPreTrainedModel, RobertaPreTrainedModel, XLMRobertaPreTrainedModel,
+                               ElectraPreTrainedModel))
 
 
 def bert_plan(model: nn.Module) -> ModelPlan:
@@ -65,9 +74,12 @@ def bert_plan(model: nn.Module) -> ModelPlan:
 
 # ---------------------------------------------------------------- pipeline pieces
 def _bert_embed(model: nn.Module, input_ids: Tensor, inputs: dict[str, Any]) -> Tensor:
-    return model.base_model.embeddings(
+    base = model.base_model
+    hidden = base.embeddings(
         input_ids=input_ids, token_type_ids=inputs.get("token_type_ids"), position_ids=inputs.get("position_ids")
     )
+    project = getattr(base, "embeddings_project", None)  # ELECTRA: embedding width -> hidden width
+    return hidden if project is None else project(hidden)
 
 
 def _bert_block_context(model: nn.Module, hidden: Tensor, inputs: dict[str, Any]) -> dict[str, Any]:
@@ -142,29 +154,29 @@ def _base_model_output(model: nn.Module, output: Any, kwargs: dict[str, Any]) ->
 
 
 def bert_pipeline_plan(model: nn.Module) -> PipelinePlan | None:
-    """The pipeline pieces for BertModel, BertForTokenClassification and BertForSequenceClassification.
+    """The pipeline pieces for the base models, the token classifiers and BertForSequenceClassification.
 
     Other heads get None (no pipeline support): the MLM / pre-training heads tie the decoder to the
-    word embedding, which would put one parameter on the first and the last stage; decoders need a
-    causal mask and a cache.
+    word embedding; RoBERTa's sequence head reads the first token itself, without a pooler; decoders
+    need a causal mask and a cache.
     """
-    from transformers import BertForSequenceClassification, BertForTokenClassification, BertModel
+    from transformers import BertForSequenceClassification
 
     config = model.config
     if config.is_decoder or config.add_cross_attention:
         return None
-    common = dict(embed=_bert_embed, block=_bert_block, block_context=_bert_block_context, input_name="input_ids")
-    if isinstance(model, BertModel):
-        last = ("pooler",) if model.pooler is not None else ()
-        return PipelinePlan(first=("embeddings",), last=last, head=_base_model_head,
-                            model_output=_base_model_output, **common)
-    if isinstance(model, BertForTokenClassification):
-        last = ("classifier",) + (("bert.pooler",) if model.bert.pooler is not None else ())
-        return PipelinePlan(first=("bert.embeddings",), last=last, head=_token_classification_head,
+    base = model.base_model
+    prefix = "" if base is model else f"{model.base_model_prefix}."
+    first = (f"{prefix}embeddings",) + ((f"{prefix}embeddings_project",) if hasattr(base, "embeddings_project") else ())
+    pooler = (f"{prefix}pooler",) if getattr(base, "pooler", None) is not None else ()
+    common = dict(first=first, embed=_bert_embed, block=_bert_block, block_context=_bert_block_context,
+                  input_name="input_ids")
+    if base is model:
+        return PipelinePlan(last=pooler, head=_base_model_head, model_output=_base_model_output, **common)
+    if type(model).__name__.endswith("ForTokenClassification") and hasattr(model, "dropout"):
+        return PipelinePlan(last=("classifier",) + pooler, head=_token_classification_head,
                             model_output=_token_classification_output, **common)
     if isinstance(model, BertForSequenceClassification):
-        return PipelinePlan(
-            first=("bert.embeddings",), last=("bert.pooler", "classifier"), head=_sequence_classification_head,
-            model_output=_sequence_classification_output, **common,
-        )
+        return PipelinePlan(last=("bert.pooler", "classifier"), head=_sequence_classification_head,
+                            model_output=_sequence_classification_output, **common)
     return None

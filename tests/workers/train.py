@@ -47,6 +47,11 @@ def main() -> None:
     parser.add_argument("--all-labelled", action="store_true", help="every token labelled (equal counts per rank)")
     parser.add_argument("--layers", type=int, default=2, help="encoder layers of the tiny BERT")
     parser.add_argument("--validate", action="store_true", help="run a validation epoch after fitting")
+    parser.add_argument("--family", default=None, help="a tiny HF model of this family (tests/workers/tiny_hf.py)")
+    parser.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"], help="with --family")
+    parser.add_argument("--lr", type=float, default=1e-2, help="with --family")
+    parser.add_argument("--fixed-width", action="store_true", help="with --family: pad every batch to full length")
+    parser.add_argument("--config", default="{}", help="with --family: JSON config overrides")
     args = parser.parse_args()
 
     L.seed_everything(0, verbose=False)
@@ -69,7 +74,14 @@ def main() -> None:
         world = args.devices * args.num_nodes
         model_size = layout.get("tensor_parallel_size", 1) * layout.get("pipeline_parallel_size", 1)
         data_size = layout.get("data_parallel_size", world // model_size)
-    if args.module == "dropin":
+    make_loader = partial(loader, all_labelled=args.all_labelled)
+    if args.family is not None:
+        import tiny_hf
+
+        Module = partial(tiny_hf.TinyHFModule, args.family, layers=args.layers, optimizer=args.optimizer,
+                         lr=args.lr, **json.loads(args.config))
+        make_loader = partial(tiny_hf.loader, args.family, fixed_width=args.fixed_width)
+    elif args.module == "dropin":
         from dropin_module import DropInModule as Module
     else:
         Module = partial(TinyBertModule, layers=args.layers)
@@ -82,11 +94,11 @@ def main() -> None:
     )
     module = Module()
     single = args.strategy == "none"
-    trainer.fit(module, loader(args.batch_size // data_size, single_process=single, all_labelled=args.all_labelled))
+    trainer.fit(module, make_loader(args.batch_size // data_size, single_process=single))
     result = {"losses": recorder.losses}
     if args.validate:
         # In order (no sampler shuffling) in every layout; 22 rows: the last batch is not a multiple of the microbatches.
-        val_loader = loader(args.batch_size // data_size, size=22, all_labelled=args.all_labelled)
+        val_loader = make_loader(args.batch_size // data_size, size=22)
         result["validation"] = {k: float(v) for k, v in trainer.validate(module, val_loader, verbose=False)[0].items()}
     if args.strategy == "lightning_mp":
         from lightning_mp.checkpoint.state import model_state
