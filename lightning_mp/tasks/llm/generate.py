@@ -17,9 +17,9 @@ def answer(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: i
     for prompt in prompts:
         ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                             return_tensors="pt", return_dict=True)
-        with torch.no_grad():
-            out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id)
+        with torch.no_grad():  # only what a causal LM takes (some tokenizers add token_type_ids)
+            out = model.generate(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"],
+                                 max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
         replies.append(tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip())
     return replies
 

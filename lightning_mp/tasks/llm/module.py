@@ -93,7 +93,8 @@ class CausalLM(L.LightningModule):
         self.val_nll.update(torch.nan_to_num(loss.detach().float()), weight=tokens)
 
     def on_validation_epoch_end(self) -> None:
-        self.log("val_perplexity", torch.exp(self.val_nll.compute()))  # the metric syncs over data ranks
+        # compute() already holds every data-parallel rank's sum; sync_dist only averages equal values.
+        self.log("val_perplexity", torch.exp(self.val_nll.compute()), sync_dist=True)
         self.val_nll.reset()
 
     def configure_optimizers(self) -> Any:

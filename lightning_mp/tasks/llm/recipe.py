@@ -110,8 +110,8 @@ def run_sft(cfg: DictConfig, original_cwd: Path, run_dir: Path) -> dict[str, flo
     module = CausalLM(source, learning_rate=t.learning_rate, weight_decay=t.weight_decay, warmup_ratio=t.warmup_ratio)
     checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best-{epoch}-{val_loss:.4f}",
                                  monitor="val_loss", mode="min", save_top_k=1)
-    trainer = common.build_trainer(cfg, kwargs, run_dir, checkpoint, use_distributed_sampler=False,
-                                   max_steps=int(t.get("max_steps") or -1))
+    # Each data-parallel rank takes its rows of every global batch itself (RankBatches).
+    trainer = common.build_trainer(cfg, kwargs, run_dir, checkpoint, use_distributed_sampler=False)
     prompts = list(g.prompts) if g.enabled else []
 
     before = trainer.validate(module, datamodule=datamodule, verbose=False)[0]["val_perplexity"]
