@@ -11,7 +11,9 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a checkout without install
+CHECKOUT = Path(__file__).resolve().parent.parent
+if (CHECKOUT / "lightning_mp").is_dir():  # a checkout, runnable without install (installed, this is the package)
+    sys.path.insert(0, str(CHECKOUT))
 
 from lightning_mp.tasks.llm.generate import answer, load_for_generation  # noqa: E402
 

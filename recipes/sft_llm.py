@@ -18,7 +18,9 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a checkout without install
+CHECKOUT = Path(__file__).resolve().parent.parent
+if (CHECKOUT / "lightning_mp").is_dir():  # a checkout, runnable without install (installed, this is the package)
+    sys.path.insert(0, str(CHECKOUT))
 
 from lightning_mp.tasks.launch import launch_ranks_if_needed  # noqa: E402
 from lightning_mp.tasks.llm.recipe import check_config, model_source, run_sft  # noqa: E402
