@@ -24,9 +24,11 @@ def lightning_mp(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 def test_ls_lists_recipes_their_configs_and_the_groups(capsys):
     cli.main(["ls"])
     out = capsys.readouterr().out.splitlines()
-    rows = {line.split()[0]: line.split()[1] for line in out[1:4]}
-    assert rows == {"ner_bert": "ner_bert.yaml", "ner_predict": "-", "plan": "plan.yaml"}
-    assert "  model: bert-10b, bert-base, bert-large, bert-medium, bert-mini, bert-small, bert-tiny, minilm" in out
+    rows = {line.split()[0]: line.split()[1] for line in out[1:6]}
+    assert rows == {"llm_generate": "-", "ner_bert": "ner_bert.yaml", "ner_predict": "-", "plan": "plan.yaml",
+                    "sft_llm": "sft_llm.yaml"}
+    assert ("  model: bert-10b, bert-base, bert-large, bert-medium, bert-mini, bert-small, bert-tiny, llama3-70b,"
+            " llama3-8b, minilm, qwen2.5-7b, smollm2") in out
     assert "  parallel: auto, default" in out
     assert cli.config_dir().resolve() == (ROOT / "conf").resolve()  # this checkout's own conf/, not another one
 

@@ -6,16 +6,13 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 
 from lightning_mp.checkpoint.export import export_hf_model
-from lightning_mp.config import ParallelConfig, check_pipeline, check_precision
-from lightning_mp.parallel.apply import resolve_plan
+from lightning_mp.config import ParallelConfig
 from lightning_mp.planner import Candidate, Cluster, ModelShape, choose, device_memory_gb
-from lightning_mp.strategy import ModelParallelStrategy
-from lightning_mp.tasks.callbacks import TokensPerSecond
+from lightning_mp.tasks import common
 from lightning_mp.tasks.ner.data import NERDataModule, minilm_path
 from lightning_mp.tasks.ner.module import TokenClassifier
 
@@ -23,15 +20,7 @@ from lightning_mp.tasks.ner.module import TokenClassifier
 def parallel_kwargs(cfg: DictConfig) -> dict[str, Any]:
     """The short recipe names (parallel.tensor=2) mapped to the strategy's argument names; with
     ``parallel=auto``, the planner's choice."""
-    p = cfg.parallel
-    if p.get("auto"):
-        return planned_layout(cfg).layout.strategy_kwargs()
-    return dict(
-        data_parallel_size=p.data, tensor_parallel_size=p.tensor, pipeline_parallel_size=p.pipeline,
-        data_parallel_mode=p.mode, data_parallel_replicate_size=p.replicate,
-        activation_checkpointing=p.activation_checkpointing, pipeline_schedule=p.schedule,
-        microbatches=p.microbatches,
-    )
+    return common.parallel_kwargs(cfg, auto=lambda cfg: planned_layout(cfg).layout.strategy_kwargs())
 
 
 def bert_config(cfg: DictConfig) -> Any:
@@ -60,17 +49,11 @@ def parallel_config(cfg: DictConfig) -> ParallelConfig:
     return ParallelConfig(**parallel_kwargs(cfg))
 
 
-def _local_or_hub(name: str, original_cwd: Path) -> str:
-    """Relative paths are relative to where the user ran the recipe (Hydra changes the directory)."""
-    local = original_cwd / str(name)
-    return str(local) if local.exists() else str(name)
-
-
 def model_source(cfg: DictConfig, original_cwd: Path) -> Any:
     """A path/hub id of pretrained weights, or a BertConfig of the chosen shape (random init)."""
     m = cfg.model
     if m.name_or_path:
-        return _local_or_hub(m.name_or_path, original_cwd)
+        return common.local_or_hub(m.name_or_path, original_cwd)
     if m.pretrained:
         return str(minilm_path())
     return bert_config(cfg)
@@ -80,38 +63,30 @@ def check_config(cfg: DictConfig) -> None:
     """Fail on bad overrides at once, before data, models or processes are touched."""
     if cfg.parallel.get("auto"):
         print(f"parallel=auto: {planned_layout(cfg).summary()}", flush=True)
-    world = int(cfg.trainer.devices) * int(cfg.trainer.num_nodes)
-    config = parallel_config(cfg)
-    shape = config.resolve(world, int(cfg.trainer.devices))
-    check_precision(str(cfg.trainer.precision), shape.pipeline)
-    if not cfg.model.name_or_path:  # shapes we know without loading anything: the strategy's own checks
-        import torch
-        from transformers import BertForTokenClassification
-
-        with torch.device("meta"):  # no memory: only the structure is read
-            holder = torch.nn.Module()  # the model sits inside a LightningModule, as in run_ner
-            holder.model = BertForTokenClassification(bert_config(cfg))
-        resolve_plan(holder, None, shape, config)
-    batch = int(cfg.trainer.batch_size)
-    if batch % shape.data:
-        raise ValueError(f"trainer.batch_size={batch} is not divisible by the {shape.data} data-parallel ranks.")
-    check_pipeline(config, int(cfg.model.num_hidden_layers), local_batch_size=batch // shape.data)
+    if cfg.model.get("task", "token_classification") != "token_classification":
+        raise ValueError(f"model={cfg.model.name} is a {cfg.model.task} model; the NER recipe fine-tunes BERT-family"
+                         " token classifiers (model=minilm, bert-tiny ... bert-large).")
+    # Shapes the model group states are checked without loading anything; a name_or_path is checked by the
+    # strategy itself once the model is built.
+    build = None if cfg.model.name_or_path else (lambda: _token_classifier(bert_config(cfg)))
+    common.check_parallel(cfg, parallel_kwargs(cfg), build, int(cfg.model.num_hidden_layers))
 
 
-def build_strategy(cfg: DictConfig) -> ModelParallelStrategy:
-    return ModelParallelStrategy(**parallel_kwargs(cfg),
-                                 save_distributed_checkpoint=cfg.trainer.save_distributed_checkpoint)
+def _token_classifier(config: Any) -> Any:
+    from transformers import BertForTokenClassification
+
+    return BertForTokenClassification(config)
 
 
 def run_ner(cfg: DictConfig, original_cwd: Path, run_dir: Path) -> float:
     """Train, test the best checkpoint, export an HF directory; returns the test entity F1."""
     L.seed_everything(cfg.seed, workers=True)
     t, d = cfg.trainer, cfg.data
-    world = int(t.devices) * int(t.num_nodes)
-    data_size = parallel_config(cfg).resolve(world, int(t.devices)).data
+    kwargs = parallel_kwargs(cfg)
+    data_size = common.mesh_shape(cfg, kwargs).data
     absolute = lambda path: str(original_cwd / path) if path else None  # noqa: E731
     source = model_source(cfg, original_cwd)
-    tokenizer = cfg.model.tokenizer and _local_or_hub(cfg.model.tokenizer, original_cwd)
+    tokenizer = cfg.model.tokenizer and common.local_or_hub(cfg.model.tokenizer, original_cwd)
     datamodule = NERDataModule(
         tokenizer_path=tokenizer or (source if isinstance(source, str) else None),
         train_file=absolute(d.train_file), val_file=absolute(d.val_file),
@@ -122,15 +97,7 @@ def run_ner(cfg: DictConfig, original_cwd: Path, run_dir: Path) -> float:
                              weight_decay=t.weight_decay, warmup_ratio=t.warmup_ratio, scheme=d.scheme)
     checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best-{epoch}-{val_f1:.4f}",
                                  monitor="val_f1", mode="max", save_top_k=1)
-    trainer = L.Trainer(
-        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, precision=t.precision,
-        strategy=build_strategy(cfg), max_epochs=t.max_epochs, gradient_clip_val=t.gradient_clip_val,
-        accumulate_grad_batches=t.accumulate_grad_batches, limit_train_batches=t.limit_train_batches,
-        limit_val_batches=t.limit_val_batches, log_every_n_steps=t.log_every_n_steps,
-        logger=[CSVLogger(run_dir, name="csv"), TensorBoardLogger(run_dir, name="tensorboard")],
-        callbacks=[checkpoint, TokensPerSecond(), LearningRateMonitor(logging_interval="step")],
-        num_sanity_val_steps=0,
-    )
+    trainer = common.build_trainer(cfg, kwargs, run_dir, checkpoint)
     trainer.fit(module, datamodule=datamodule)
     trainer.test(module, datamodule=datamodule, ckpt_path="best" if checkpoint.best_model_path else None)
     f1 = float(trainer.callback_metrics.get("test_f1", float("nan")))
