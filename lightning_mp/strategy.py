@@ -34,6 +34,7 @@ from lightning_mp._compat import (
     sync_ddp_if_available,
 )
 from lightning_mp.checkpoint.hooks import CheckpointHooks
+from lightning_mp.checkpoint.pretrained import load_pending, pending_sources
 from lightning_mp.config import MeshShape, ParallelConfig, check_precision
 from lightning_mp.processes.watch import FailureWatch
 from lightning_mp.parallel.token_weighting import TokenWeighting
@@ -280,10 +281,14 @@ class ModelParallelStrategy(CheckpointHooks, ParallelStrategy):
     def setup(self, trainer: pl.Trainer) -> None:
         assert self.model is not None and self.accelerator is not None
         self.accelerator.setup(trainer)
+        # Models built by lightning_mp.from_pretrained (on meta), found before a pipeline split replaces them.
+        pretrained = pending_sources(self.lightning_module)
         if self._pipeline is None and not is_parallelized(self.model):  # a second fit/validate reuses the stages
             # "-true" precisions cast weights before sharding, so shards are created in the target dtype.
             self.model = self.precision_plugin.convert_module(self.model)
             self._parallelize(self.lightning_module)
+        # Each rank reads its own shards, before the optimizer exists (it may hold state shaped like them).
+        load_pending(self.lightning_module, pretrained, self.root_device)
         materialize_distributed_module(self.model, self.root_device)
         sync_metrics_over(self.model, self._data_mesh.get_group())
         self.model_to_device()

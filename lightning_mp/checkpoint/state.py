@@ -143,12 +143,12 @@ def load_into(path: Path, model: nn.Module, optimizers: list[Optimizer], strict:
                       {k: shape_of(v) for k, v in saved.items()}, f"optimizer {index}", strict=False)
         # torch's full_state_dict loading does not take the flattened form, so the full tensors are cut into
         # this rank's shards here and loaded like a sharded checkpoint.
-        local = {key: _like(saved[key], value) for key, value in wanted.items() if key in saved}
+        local = {key: shard_like(saved[key], value) for key, value in wanted.items() if key in saved}
         set_optimizer_state_dict(model, optimizer, local, options=StateDictOptions(flatten_optimizer_state_dict=True))
     return checkpoint
 
 
-def _like(full: Any, template: Any) -> Any:
+def shard_like(full: Any, template: Any) -> Any:
     """``full`` laid out as ``template``: this rank's shard of a DTensor (local slicing, no communication)."""
     if not isinstance(template, torch.Tensor):
         return full

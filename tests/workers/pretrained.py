@@ -1,0 +1,117 @@
+"""Load a pretrained HF model with lightning_mp.from_pretrained under a layout, predict, optionally export.
+
+Every rank writes ``<out>.rank<N>.pt``: the logits of the rows it predicted (by row index), its
+non-persistent buffers, and what it measured; with ``--export DIR`` the model is then exported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+from torch.utils.data import DataLoader, Dataset  # noqa: E402
+
+HEAD_SEED = 77  # the seed before from_pretrained: the new head's values depend on it
+
+
+def model_class(name: str):
+    import transformers
+
+    return getattr(transformers, name)
+
+
+def model_inputs(vocab: int, rows: int = 8, seq: int = 12) -> dict[str, torch.Tensor]:
+    """Deterministic inputs, without token_type_ids so BERT reads its (recomputed) token_type_ids buffer."""
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(1, vocab, (rows, seq), generator=g)
+    mask = torch.ones(rows, seq, dtype=torch.long)
+    mask[::3, -4:] = 0  # some padding, so the attention mask matters
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+class Rows(Dataset):
+    def __init__(self, inputs: dict[str, torch.Tensor]) -> None:
+        self.inputs = inputs
+
+    def __len__(self) -> int:
+        return len(self.inputs["input_ids"])
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"index": torch.tensor(i), **{k: v[i] for k, v in self.inputs.items()}}
+
+
+class Pretrained(L.LightningModule):
+    def __init__(self, cls_name: str, path: str, kwargs: dict, plain: bool) -> None:
+        super().__init__()
+        import lightning_mp
+
+        torch.manual_seed(HEAD_SEED)
+        cls = model_class(cls_name)
+        self.model = cls.from_pretrained(path, **kwargs) if plain else lightning_mp.from_pretrained(cls, path, **kwargs)
+
+    def predict_step(self, batch, batch_idx):
+        index = batch.pop("index")
+        return {"index": index, "logits": self.model(**batch).logits.detach().cpu()}
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--model-dir", required=True)
+    parser.add_argument("--cls", default="AutoModelForTokenClassification")
+    parser.add_argument("--kwargs", default="{}", help="JSON keyword arguments of from_pretrained")
+    parser.add_argument("--devices", type=int, default=1)
+    parser.add_argument("--layout", default="{}", help="JSON kwargs for ModelParallelStrategy")
+    parser.add_argument("--plain", action="store_true", help="the class's own from_pretrained on every rank")
+    parser.add_argument("--export", default=None, help="export the loaded model as an HF directory here")
+    parser.add_argument("--no-predict", action="store_true")
+    args = parser.parse_args()
+
+    from lightning_mp import ModelParallelStrategy
+
+    layout = json.loads(args.layout)
+    strategy = ModelParallelStrategy(**layout)
+    trainer = L.Trainer(accelerator="cpu", devices=args.devices, strategy=strategy, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    baseline = peak_rss_bytes()
+    module = Pretrained(args.cls, args.model_dir, json.loads(args.kwargs), args.plain)
+    vocab = module.model.config.vocab_size
+    world = args.devices
+    data_size = world // (layout.get("tensor_parallel_size", 1) * layout.get("pipeline_parallel_size", 1))
+    inputs = model_inputs(vocab)
+    loader = DataLoader(Rows(inputs), batch_size=len(inputs["input_ids"]) // data_size)
+    result: dict = {"baseline_rss": baseline}
+    if args.no_predict:
+        trainer.predict(module, DataLoader(Rows({k: v[:data_size] for k, v in inputs.items()}), batch_size=1))
+    else:
+        outputs = trainer.predict(module, loader)
+        result["logits"] = {int(i): row for out in outputs for i, row in zip(out["index"], out["logits"])}
+    result["load_rss"] = peak_rss_bytes()
+    model = module.model
+    result["buffers"] = {name: b.detach().cpu().clone() for name, b in model.named_buffers()}
+    if not args.no_predict:
+        from lightning_mp.checkpoint.state import model_state
+
+        full = model_state(model, full=True, pipeline_group=trainer.strategy.pipeline_group)  # collective
+        result["state_dict"] = {k: v.detach().cpu() for k, v in full.items()}
+    if args.export:
+        from lightning_mp.checkpoint.export import export_hf_model
+
+        export_hf_model(module, "model", args.export)
+    result["export_rss"] = peak_rss_bytes()
+    torch.save(result, f"{args.out}.rank{trainer.global_rank}.pt")
+
+
+if __name__ == "__main__":
+    main()
