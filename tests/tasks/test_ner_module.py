@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightning_mp.tasks.ner.data import NERDataModule, TokenClassificationCollator, minilm_path
+from lightning_mp.checkpoint.pretrained import is_meta, materialize
 from lightning_mp.tasks.ner.module import TokenClassifier
 
 LABELS = ["O", "B-LOC", "I-LOC", "B-PER", "I-PER"]
@@ -151,6 +152,8 @@ def test_real_minilm_with_wnut_labels():
     datamodule = NERDataModule(batch_size=4)
     datamodule.setup("fit")
     module = TokenClassifier(minilm_path(), datamodule.label_list)
+    assert is_meta(module.model)  # the strategy would load each rank's shards; here: the whole model
+    materialize(module.model)
     assert module.model.training  # from_pretrained hands back eval mode; fine-tuning needs dropout
     assert module.model.config.num_labels == 21 and module.model.config.id2label[0] == "O"
     with safe_open(str(minilm_path() / "model.safetensors"), "pt") as weights:
@@ -162,3 +165,21 @@ def test_real_minilm_with_wnut_labels():
         output = module(**batch)
     assert output.logits.shape == (*batch["input_ids"].shape, 21)
     assert 1.5 < output.loss.item() < 6.0  # an untrained head: about ln(21) = 3.0
+
+
+def test_load_from_checkpoint_of_a_module_built_from_pretrained_weights(tmp_path):
+    """The rebuilt module starts on meta; the checkpoint's (trained) weights must land in real tensors."""
+    import lightning
+    from transformers import BertModel
+
+    BertModel(tiny_config()).save_pretrained(tmp_path / "pretrained")
+    module = TokenClassifier(tmp_path / "pretrained", LABELS)
+    materialize(module.model)
+    with torch.no_grad():
+        module.model.classifier.weight.add_(1.0)  # as if trained
+    path = tmp_path / "module.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+                "pytorch-lightning_version": lightning.__version__}, path)
+    loaded = TokenClassifier.load_from_checkpoint(path)
+    assert not is_meta(loaded.model)
+    assert all(torch.equal(value, module.state_dict()[key]) for key, value in loaded.state_dict().items())

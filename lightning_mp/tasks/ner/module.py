@@ -4,18 +4,21 @@ strategy shards ``self.model`` and weights the per-rank losses; metric counts sy
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any, Sequence
 
 import lightning as L
 import torch
 
+from lightning_mp.checkpoint.pretrained import from_pretrained, is_meta, materialize
 from lightning_mp.tasks.ner.metric import EntityF1
 
 
 class TokenClassifier(L.LightningModule):
     """Fine-tunes ``AutoModelForTokenClassification`` and logs loss and entity-level P/R/F1.
 
-    ``model_name_or_path``: a local directory of pretrained weights (a hub id works only when online), or a
+    ``model_name_or_path``: a local directory of pretrained weights, built on the meta device and loaded shard by
+    shard by the strategy (a hub id works only when online, and is loaded whole on every rank), or a
     ``transformers.PretrainedConfig`` (or its ``to_dict()``) for a randomly initialised model of that shape.
     ``label_list``: tag strings, index = class id (e.g. ``NERDataModule.label_list``, "O" first).
 
@@ -39,7 +42,11 @@ class TokenClassifier(L.LightningModule):
                 setattr(config, key, value)
             self.model = AutoModelForTokenClassification.from_config(config)
             source: Any = config.to_dict()
-        else:
+        elif Path(model_name_or_path).is_dir():
+            # Built on the meta device; the strategy loads each rank's shards only (lightning_mp.from_pretrained).
+            source = str(model_name_or_path)
+            self.model = from_pretrained(AutoModelForTokenClassification, source, **labels)
+        else:  # a hub id (online): transformers downloads and loads it whole
             source = str(model_name_or_path)
             self.model = AutoModelForTokenClassification.from_pretrained(source, **labels)
         self.model.train()  # from_pretrained returns eval mode; dropout must be on for fine-tuning
@@ -50,6 +57,13 @@ class TokenClassifier(L.LightningModule):
         self.val_f1 = EntityF1.from_labels(self.label_list, scheme)
         self.test_f1 = EntityF1.from_labels(self.label_list, scheme)
         self.test_report = ""
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # load_from_checkpoint rebuilds the module (a meta model) and then copies the checkpoint's weights into
+        # it, which on meta tensors would silently do nothing: give the model real tensors first. Under the
+        # strategy the model is already loaded when a checkpoint is restored, and this does nothing.
+        if is_meta(self.model):
+            materialize(self.model)
 
     def forward(self, **batch: torch.Tensor) -> Any:
         return self.model(**batch)
