@@ -88,10 +88,6 @@ get_default_store = _require("torch.distributed.distributed_c10d", "_get_default
 ScheduleForwardOnly = _require("torch.distributed.pipelining.schedules", "_ScheduleForwardOnly")
 EmptyStateDictLoadPlanner = _require("torch.distributed.checkpoint.default_planner", "_EmptyStateDictLoadPlanner")
 load_state_dict_without_planning = _require("torch.distributed.checkpoint.state_dict_loader", "_load_state_dict")
-# Merges the per-rank safetensors of a sharded Hugging Face save into standard files, one output file per rank,
-# streaming one tensor at a time (public name, private module).
-consolidate_safetensors_files_on_every_rank = _require("torch.distributed.checkpoint._consolidate_hf_safetensors",
-                                                       "consolidate_safetensors_files_on_every_rank")
 
 if not hasattr(_require("torch.distributed.device_mesh", "DeviceMesh"), "_flatten"):
     raise _missing("DeviceMesh._flatten", "torch.distributed.device_mesh")

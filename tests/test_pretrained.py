@@ -82,6 +82,28 @@ def test_new_head_depends_on_the_seed_like_from_pretrained(checkpoints):
                        reference.bert.encoder.layer[0].output.dense.weight)
 
 
+def test_export_writes_each_chunk_into_its_bytes_of_the_file(tmp_path):
+    """A rank's chunk from the middle of a tensor (what tensor x data parallelism leaves a rank) lands at
+    the right bytes; the other ranks' chunks fill the rest; safetensors reads the whole tensor back."""
+    from safetensors.torch import load_file
+
+    from lightning_mp.checkpoint.export import _layout, _write_chunk
+
+    full = torch.arange(4 * 6 * 2, dtype=torch.float32).reshape(4, 6, 2)
+    layout = _layout({"w": ((4, 6, 2), torch.float32), "b": ((6,), torch.bfloat16)}, world=1)
+    header, size = layout.files["model.safetensors"]
+    with open(tmp_path / "model.safetensors", "wb") as handle:
+        handle.write(header)
+        handle.truncate(size)
+    for rows, columns in [(slice(0, 2), slice(0, 3)), (slice(0, 2), slice(3, 6)), (slice(2, 4), slice(0, 6))]:
+        part = full[rows, columns]
+        _write_chunk(tmp_path, layout, "w", part, ((4, 6, 2), torch.float32, (rows.start, columns.start, 0)))
+    bias = torch.linspace(-1, 1, 6).to(torch.bfloat16)
+    _write_chunk(tmp_path, layout, "b", bias, ((6,), torch.bfloat16, (0,)))
+    loaded = load_file(tmp_path / "model.safetensors")
+    assert torch.equal(loaded["w"], full) and torch.equal(loaded["b"], bias)
+
+
 # ---------------------------------------------------------------- wrong input, before any work
 def _copy(src: Path, dst: Path) -> Path:
     import shutil
@@ -193,3 +215,33 @@ def test_sharded_loading_and_export_equal_from_pretrained(tmp_path, checkpoints,
     assert all(torch.equal(value, expected[key]) for key, value in reloaded.state_dict().items())
     with torch.no_grad():
         assert torch.equal(reloaded(**inputs).logits, single)
+
+
+@pytest.mark.slow
+def test_llama_rotary_buffers_and_weights_under_fsdp(tmp_path):
+    """A decoder with rotary embeddings (non-persistent ``inv_freq`` recomputed after ``to_empty``), fully
+    sharded over 2 ranks (no tensor-parallel plan needed), exported and reloaded."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=False)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
+    reference = plain("AutoModelForCausalLM", tmp_path / "llama")
+    export = tmp_path / "exported"
+    results = run_pretrained_worker(tmp_path, tmp_path / "llama", {"data_parallel_size": 2}, {},
+                                    "--cls", "AutoModelForCausalLM", "--export", str(export), devices=2)
+    expected = reference.state_dict()
+    assert [key for key, value in results[0]["state_dict"].items() if not torch.equal(value, expected[key])] == []
+    buffers = dict(reference.named_buffers())
+    assert {"model.rotary_emb.inv_freq"} <= set(buffers)
+    for result in results:
+        assert set(result["buffers"]) == set(buffers)
+        assert all(torch.equal(value, buffers[key]) for key, value in result["buffers"].items())
+    inputs = model_inputs(VOCAB)
+    with torch.no_grad():
+        single = reference(**inputs).logits
+    assert torch.allclose(logits_by_row(results), single, atol=1e-5, rtol=0)
+    reloaded = AutoModelForCausalLM.from_pretrained(str(export)).eval()
+    assert all(torch.equal(value, expected[key]) for key, value in reloaded.state_dict().items())
