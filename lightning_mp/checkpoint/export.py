@@ -6,9 +6,9 @@ which byte offset: standard safetensors headers, computed from the global shapes
 rank 0 creates them at their final size, then every rank writes the chunks it holds straight to their
 bytes in those files (a chunk held by several ranks, e.g. replicated over tensor-parallel peers, is
 written by the lowest of them). No tensor is gathered: peak memory is the rank's shards plus one chunk
-copied to the host. torch's ``HuggingFaceStorageWriter`` was measured first and rejected: it builds each
-rank's whole file as one bytes object (another copy of all its shards) and its merge step holds each
-full tensor.
+copied to the host. torch's ``HuggingFaceStorageWriter`` (used in the first version) is not used: its
+writer builds each rank's whole file as one bytes object (``safetensors.torch.save``: another copy of all
+its shards) and its merge step (``consolidate_safetensors_files``) holds each full tensor in turn.
 
 Everything is written into a hidden ``.NAME.partial`` sibling and renamed into place when complete, so a
 crash never leaves a half-written export where a user expects a model. The directory needs to be on a
