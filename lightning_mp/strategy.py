@@ -34,7 +34,7 @@ from lightning_mp._compat import (
     sync_ddp_if_available,
 )
 from lightning_mp.checkpoint.hooks import CheckpointHooks
-from lightning_mp.checkpoint.pretrained import load_pending, pending_sources
+from lightning_mp.checkpoint.pretrained import load_pending, meta_outside, pending_sources
 from lightning_mp.config import MeshShape, ParallelConfig, check_precision
 from lightning_mp.processes.watch import FailureWatch
 from lightning_mp.parallel.token_weighting import TokenWeighting
@@ -287,9 +287,11 @@ class ModelParallelStrategy(CheckpointHooks, ParallelStrategy):
             # "-true" precisions cast weights before sharding, so shards are created in the target dtype.
             self.model = self.precision_plugin.convert_module(self.model)
             self._parallelize(self.lightning_module)
+        if meta_outside(self.lightning_module, [path for path, _ in pretrained]):
+            # Lightning's materialization starts with to_empty() of the whole module: run it before loading.
+            materialize_distributed_module(self.model, self.root_device)
         # Each rank reads its own shards, before the optimizer exists (it may hold state shaped like them).
         load_pending(self.lightning_module, pretrained, self.root_device)
-        materialize_distributed_module(self.model, self.root_device)
         sync_metrics_over(self.model, self._data_mesh.get_group())
         self.model_to_device()
         self.barrier()

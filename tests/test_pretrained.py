@@ -104,6 +104,20 @@ def test_export_writes_each_chunk_into_its_bytes_of_the_file(tmp_path):
     assert torch.equal(loaded["w"], full) and torch.equal(loaded["b"], bias)
 
 
+def test_other_meta_modules_are_seen_so_lightning_materializes_them_before_loading(checkpoints):
+    from transformers import AutoModelForTokenClassification
+
+    from lightning_mp.checkpoint.pretrained import meta_outside, pending_sources
+
+    holder = torch.nn.Module()
+    holder.model = lightning_mp.from_pretrained(AutoModelForTokenClassification, checkpoints["token"])
+    assert [path for path, _ in pending_sources(holder)] == ["model"]
+    assert not meta_outside(holder, ["model"])
+    with torch.device("meta"):
+        holder.extra = torch.nn.Linear(2, 2)
+    assert meta_outside(holder, ["model"])
+
+
 # ---------------------------------------------------------------- wrong input, before any work
 def _copy(src: Path, dst: Path) -> Path:
     import shutil
@@ -209,7 +223,8 @@ def test_sharded_loading_and_export_equal_from_pretrained(tmp_path, checkpoints,
     assert torch.allclose(logits_by_row(meta), single, atol=1e-5, rtol=0)
     # Export: written by every rank in pieces, merged per file, loadable by transformers, same model.
     files = sorted(p.name for p in export.iterdir())
-    assert "config.json" in files and "model.safetensors.index.json" in files and not (tmp_path / ".exported.partial").exists()
+    assert "config.json" in files and "model.safetensors.index.json" in files
+    assert not (tmp_path / ".exported.partial").exists()
     assert len([f for f in files if f.endswith(".safetensors")]) == 4
     reloaded = AutoModelForTokenClassification.from_pretrained(str(export)).eval()
     assert all(torch.equal(value, expected[key]) for key, value in reloaded.state_dict().items())

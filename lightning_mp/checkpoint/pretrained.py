@@ -303,6 +303,13 @@ def load_weights(model: nn.Module, source: PretrainedSource) -> None:
         raise RuntimeError(f"pretrained loading left {', '.join(sorted(unfilled)[:6])} uninitialised.")
 
 
+def meta_outside(module: nn.Module, paths: list[str]) -> bool:
+    """Whether ``module`` holds meta tensors outside the submodules at ``paths``."""
+    subs = [module.get_submodule(path) for path in paths]
+    inside = {id(t) for sub in subs for t in (*sub.parameters(), *sub.buffers())}
+    return any(t.is_meta and id(t) not in inside for t in (*module.parameters(), *module.buffers()))
+
+
 def is_meta(model: nn.Module) -> bool:
     return any(t.is_meta for t in (*model.parameters(), *model.buffers()))
 
