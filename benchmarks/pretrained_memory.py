@@ -9,7 +9,8 @@ export against gathering the full state dict on rank 0 and ``save_pretrained`` (
 Peak resident memory (VmHWM, which counts touched pages of memory-mapped files too) is reset before each
 phase; the baseline is the process after imports and the Trainer, before the model exists.
 
-    python benchmarks/pretrained_memory.py            # table + benchmarks/results/pretrained_memory.json
+    python benchmarks/pretrained_memory.py               # table + benchmarks/results/pretrained_memory.{json,md}
+    python benchmarks/pretrained_memory.py --table-only  # the table of the last run again
 """
 
 from __future__ import annotations
@@ -169,29 +170,44 @@ def main() -> None:
     parser.add_argument("--out")
     parser.add_argument("--work-dir", default="/tmp/lightning_mp_pretrained_memory")
     parser.add_argument("--only", nargs="*", default=None, help="case names to run")
+    parser.add_argument("--table-only", action="store_true", help="print the table of the last run's JSON")
     args = parser.parse_args()
     if args.worker:
         return worker(args)
-    work = Path(args.work_dir)
-    checkpoint = work / "checkpoint"
-    size = write_checkpoint(checkpoint)
-    quarter = size / 4
-    results = {"checkpoint_bytes": size, "cases": {}}
-    print(f"checkpoint: {size / MIB:.0f} MiB; a quarter: {quarter / MIB:.0f} MiB; limit 1.3 × quarter"
-          f" = {1.3 * quarter / MIB:.0f} MiB above the baseline\n")
-    print(f"| {'layout':<26} | load: peak − baseline, MiB (max rank) | × quarter | export: peak − before, MiB | × quarter"
-          " | load s | export s |")
-    print(f"|{'-' * 28}|{'-' * 39}|{'-' * 11}|{'-' * 28}|{'-' * 11}|{'-' * 8}|{'-' * 10}|")
-    for name in args.only or CASES:
-        rows = run_case(name, checkpoint, work)
-        load = max(r["load_peak"] - r["baseline"] for r in rows)
-        export = max((r["export_peak"] - r["after_load"] for r in rows if "export_peak" in r), default=None)
-        results["cases"][name] = {"ranks": rows, "load_above_baseline": load, "export_above_loaded": export}
-        exported = f"{export / MIB:>26.0f} | {export / quarter:>9.2f}" if export is not None else f"{'-':>26} | {'-':>9}"
-        seconds = f"{max(r['load_s'] for r in rows):>6.0f} | {max(r.get('export_s', 0) for r in rows):>8.1f}"
-        print(f"| {name:<26} | {load / MIB:>37.0f} | {load / quarter:>9.2f} | {exported} | {seconds} |", flush=True)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "pretrained_memory.json").write_text(json.dumps(results, indent=2))
+    results_file = RESULTS / "pretrained_memory.json"
+    if args.table_only:  # the table again, from the last run's JSON
+        results = json.loads(results_file.read_text())
+    else:
+        work = Path(args.work_dir)
+        checkpoint = work / "checkpoint"
+        results = {"checkpoint_bytes": write_checkpoint(checkpoint), "cases": {}}
+        for name in args.only or CASES:
+            results["cases"][name] = {"ranks": run_case(name, checkpoint, work)}
+            print(table_row(name, results["cases"][name]["ranks"], results["checkpoint_bytes"] / 4), flush=True)
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        results_file.write_text(json.dumps(results, indent=2))
+    table = make_table(results)
+    print(table)
+    (RESULTS / "pretrained_memory.md").write_text(table)
+
+
+def table_row(name: str, rows: list[dict], quarter: float) -> str:
+    """Peaks above the process baseline (after imports and the Trainer), of the rank with the largest."""
+    load = max(r["load_peak"] - r["baseline"] for r in rows)
+    exports = [r["export_peak"] - r["baseline"] for r in rows if "export_peak" in r]
+    export = f"{max(exports) / MIB:>9.0f} | {max(exports) / quarter:>9.2f}" if exports else f"{'-':>9} | {'-':>9}"
+    seconds = f"{max(r['load_s'] for r in rows):>6.0f} | {max(r.get('export_s', 0) for r in rows):>8.1f}"
+    return f"| {name:<26} | {load / MIB:>9.0f} | {load / quarter:>9.2f} | {export} | {seconds} |"
+
+
+def make_table(results: dict) -> str:
+    size = results["checkpoint_bytes"]
+    lines = [f"checkpoint: {size / MIB:.0f} MiB, a quarter {size / 4 / MIB:.0f} MiB; expected peak above the"
+             f" baseline <= 1.3 x a quarter = {1.3 * size / 4 / MIB:.0f} MiB; MiB, largest rank", "",
+             f"| {'layout':<26} | load peak | × quarter | export pk | × quarter | load s | export s |",
+             f"|{'-' * 28}|{'-' * 11}|{'-' * 11}|{'-' * 11}|{'-' * 11}|{'-' * 8}|{'-' * 10}|"]
+    lines += [table_row(name, case["ranks"], size / 4) for name, case in results["cases"].items()]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
