@@ -79,7 +79,10 @@ def checkpoint_files(directory: Path) -> dict[str, tuple[Path, dict[str, Any]]]:
     """Every tensor of the checkpoint in ``directory``: key -> (file, header entry). Single file or index."""
     index = directory / INDEX_NAME
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map")
+        try:
+            weight_map = json.loads(index.read_text()).get("weight_map")
+        except ValueError as error:
+            raise ValueError(f"{index} is not JSON ({error}).") from None
         if not isinstance(weight_map, dict) or not weight_map:
             raise ValueError(f"{index} has no 'weight_map': not a safetensors index.")
         files = sorted(set(weight_map.values()))
@@ -129,6 +132,8 @@ def from_pretrained(cls: Any, path: str | os.PathLike, **kwargs: Any) -> nn.Modu
     is_auto = hasattr(cls, "_model_mapping")
     config_class = AutoConfig if is_auto else cls.config_class
     config, model_kwargs = config_class.from_pretrained(str(directory), return_unused_kwargs=True, **kwargs)
+    if is_auto and type(config) not in cls._model_mapping:
+        raise ValueError(f"{cls.__name__} has no model class for {type(config).__name__} ({directory}).")
     model_class = cls._model_mapping[type(config)] if is_auto else cls
     dtype = _resolve_dtype(dtype, config, entries)
     from transformers.utils.generic import ContextManagers
@@ -138,7 +143,6 @@ def from_pretrained(cls: Any, path: str | os.PathLike, **kwargs: Any) -> nn.Modu
     config.name_or_path = str(directory)
     names = _checkpoint_names(model, entries)
     missing = set(model.state_dict()) - set(names)
-    model.tie_weights(missing_keys=missing, recompute_mapping=False)
     tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
     if tied & set(dict(model.named_parameters(remove_duplicate=False))):
         raise NotImplementedError(
