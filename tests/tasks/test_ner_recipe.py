@@ -117,3 +117,26 @@ def test_recipe_with_pipeline_and_tensor_parallel_ranks(tmp_path):
 
     model = AutoModelForTokenClassification.from_pretrained(tmp_path / "hf_model")
     torch.testing.assert_close(model.classifier.weight, checkpoint["state_dict"]["model.classifier.weight"])
+
+
+@pytest.mark.slow
+def test_recipe_loads_the_pretrained_minilm_shard_by_shard(tmp_path):
+    """The default model (MiniLM, pretrained) under tensor x data parallelism goes through
+    lightning_mp.from_pretrained; with a learning rate of 0 the exported encoder is MiniLM's, bit for bit."""
+    from safetensors.torch import load_file
+
+    from lightning_mp.tasks.ner.data import minilm_path
+
+    overrides = [o for o in SMALL if not o.startswith(("model=", "trainer.learning_rate"))]
+    cmd = [sys.executable, str(ROOT / "recipes" / "ner_bert.py"), *overrides, "trainer.learning_rate=0",
+           "trainer.devices=4", "parallel.tensor=2", "trainer.limit_train_batches=1", f"hydra.run.dir={tmp_path}"]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600, env=clean_env())
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    pretrained = load_file(minilm_path() / "model.safetensors")
+    exported = {}
+    for file in (tmp_path / "hf_model").glob("*.safetensors"):
+        exported.update(load_file(file))
+    # MiniLM's file also holds the legacy buffer embeddings.position_ids, no longer a weight of the model.
+    encoder = [key for key in pretrained if key.startswith(("embeddings.", "encoder.")) and f"bert.{key}" in exported]
+    assert len(encoder) == len(pretrained) - 3  # all but position_ids and the pooler (weight, bias)
+    assert [key for key in encoder if not torch.equal(exported[f"bert.{key}"], pretrained[key])] == []
