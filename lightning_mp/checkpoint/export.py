@@ -49,13 +49,14 @@ def export_hf_model(module: nn.Module, attribute: str, out_dir: str | Path, toke
     state = get_model_state_dict(hf_model, options=StateDictOptions())  # this rank's shards, unsplit FQNs
     tied = set(getattr(hf_model, "all_tied_weights_keys", None) or {})  # save_pretrained writes the source only
     state = {key: value for key, value in state.items() if key not in tied and isinstance(value, Tensor)}
-    chunks = {key: _chunk(value) for key, value in state.items()}  # key -> (global shape, dtype, offsets)
+    chunks = {key: _chunk(value) for key, value in state.items()}  # key -> (global shape, dtype, offsets, sizes)
     everyone = _all_gather(chunks, distributed, world)
-    shapes = {key: (shape, dtype) for part in everyone for key, (shape, dtype, _) in part.items()}
-    writer = {}  # (key, offsets) -> the lowest rank holding that chunk
-    for holder, part in enumerate(everyone):
-        for key, (_, _, offsets) in part.items():
-            writer.setdefault((key, offsets), holder)
+    shapes = {key: (shape, dtype) for part in everyone for key, (shape, dtype, _, _) in part.items()}
+    writer = {}  # (key, offsets, sizes) -> the lowest rank holding that chunk; empty chunks (an FSDP rank
+    for holder, part in enumerate(everyone):  # past the end of a short tensor) have nothing to write
+        for key, (_, _, offsets, sizes) in part.items():
+            if math.prod(sizes):
+                writer.setdefault((key, offsets, sizes), holder)
     layout = _layout(shapes, world)
     staging = out_dir.parent / f".{out_dir.name}.partial"
     if rank == 0:
@@ -67,8 +68,9 @@ def export_hf_model(module: nn.Module, attribute: str, out_dir: str | Path, toke
                 handle.truncate(size)  # sparse until every rank has written its chunks
     _barrier(distributed)
     for key, value in state.items():
-        if writer[(key, chunks[key][2])] == rank:
-            _write_chunk(staging, layout, key, value, chunks[key])
+        shape, dtype, offsets, sizes = chunks[key]
+        if writer.get((key, offsets, sizes)) == rank:
+            _write_chunk(staging, layout, key, value, (shape, dtype, offsets))
     del state
     _barrier(distributed)
     if rank == 0:
@@ -93,14 +95,14 @@ def _all_gather(mine: Any, distributed: bool, world: int) -> list[Any]:
     return parts
 
 
-def _chunk(value: Tensor) -> tuple[tuple[int, ...], torch.dtype, tuple[int, ...]]:
-    """(global shape, dtype, offsets of this rank's chunk in the global tensor)."""
+def _chunk(value: Tensor) -> tuple[tuple[int, ...], torch.dtype, tuple[int, ...], tuple[int, ...]]:
+    """(global shape, dtype, offsets and sizes of this rank's chunk in the global tensor)."""
     if isinstance(value, DTensor):
         # The DTensor's own description of its local chunk (the protocol torch.distributed.checkpoint uses),
         # right for every placement, including FSDP's strided shards over tensor parallelism.
         (chunk,) = value.__create_chunk_list__()
-        return tuple(value.shape), value.dtype, tuple(chunk.offsets)
-    return tuple(value.shape), value.dtype, (0,) * value.ndim
+        return tuple(value.shape), value.dtype, tuple(chunk.offsets), tuple(chunk.sizes)
+    return tuple(value.shape), value.dtype, (0,) * value.ndim, tuple(value.shape)
 
 
 class _Layout:
