@@ -233,9 +233,13 @@ def test_sharded_loading_and_export_equal_from_pretrained(tmp_path, checkpoints,
 
 
 @pytest.mark.slow
-def test_llama_rotary_buffers_and_weights_under_fsdp(tmp_path):
+@pytest.mark.parametrize("layout,devices", [({"data_parallel_size": 2}, 2),
+                                            ({"data_parallel_size": 2, "tensor_parallel_size": 2}, 4),
+                                            ({"data_parallel_size": 2, "pipeline_parallel_size": 2}, 4)],
+                         ids=["dp2", "dp2xtp2", "pp2xdp2"])
+def test_llama_rotary_buffers_and_weights(tmp_path, layout, devices):
     """A decoder with rotary embeddings (non-persistent ``inv_freq`` recomputed after ``to_empty``), fully
-    sharded over 2 ranks (no tensor-parallel plan needed), exported and reloaded."""
+    sharded (and tensor parallel with the decoder plan), exported and reloaded."""
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -245,8 +249,8 @@ def test_llama_rotary_buffers_and_weights_under_fsdp(tmp_path):
     LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
     reference = plain("AutoModelForCausalLM", tmp_path / "llama")
     export = tmp_path / "exported"
-    results = run_pretrained_worker(tmp_path, tmp_path / "llama", {"data_parallel_size": 2}, {},
-                                    "--cls", "AutoModelForCausalLM", "--export", str(export), devices=2)
+    results = run_pretrained_worker(tmp_path, tmp_path / "llama", layout, {},
+                                    "--cls", "AutoModelForCausalLM", "--export", str(export), devices=devices)
     expected = reference.state_dict()
     assert [key for key, value in results[0]["state_dict"].items() if not torch.equal(value, expected[key])] == []
     buffers = dict(reference.named_buffers())
