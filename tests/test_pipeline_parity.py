@@ -37,6 +37,10 @@ LAYOUTS = {
 }
 
 
+SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "interleaved_zero_bubble", "zbv_zero_bubble")
+VARIABLE_WIDTH = (*FOUR_LAYERS, "--variable-width")
+
+
 def assert_matches(result: dict, reference: dict) -> None:
     assert result["losses"] == pytest.approx(reference["losses"], abs=FP32_TOLERANCE)
     assert max_weight_difference(result["state_dict"], reference["state_dict"]) < FP32_TOLERANCE
@@ -68,3 +72,15 @@ def test_pipeline_with_activation_checkpointing_and_bf16(tmp_path, reference_run
     assert max_weight_difference(result["state_dict"], reference["state_dict"]) < 5e-3
     # Rank 0 holds the first stage (blocks 0-1 of the balanced split [0, 2]); each of its blocks recomputes.
     assert result["checkpointed"] == ["model.bert.encoder.layer.0", "model.bert.encoder.layer.1"]
+
+
+@pytest.mark.parametrize("tensor", [1, 2], ids=["pp2xdp2", "pp2xdp2xtp2"])
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_batches_of_changing_width_match(schedule, tensor, tmp_path, reference_runs):
+    """Each batch padded to its own longest row, and only data-parallel rank 1's width changes from step to
+    step (and between validation batches): every rank of a stage must still run the same collectives (torch
+    re-inferred shapes with a real forward + backward on the changed rank alone: gloo size mismatch or hang)."""
+    reference = reference_runs(*VARIABLE_WIDTH)
+    layout = {"pipeline_parallel_size": 2, "data_parallel_size": 2, "tensor_parallel_size": tensor,
+              "pipeline_schedule": schedule, "microbatches": 4}
+    assert_matches(run_worker(tmp_path, devices=4 * tensor, layout=layout, extra=VARIABLE_WIDTH), reference)

@@ -30,6 +30,7 @@ from torch.distributed.pipelining import (
 from lightning_mp._compat import ScheduleForwardOnly, reset_shape_inference
 from lightning_mp.config import MULTI_STAGE_SCHEDULES, PIPELINE_SCHEDULES, stages_per_rank, too_few_blocks
 from lightning_mp.pipeline.loss import LossSlot
+from lightning_mp.pipeline.shapes import NotDerivable, follow_input_shape, forget_given_shapes
 from lightning_mp.pipeline.split import (
     block_list,
     check_ownership,
@@ -113,6 +114,10 @@ class PipelineRuntime:
         self._last_rank = last_stage_rank(pp_mesh.size(), schedule_name)
         self._shapes: dict[str, tuple] = {}
         self._eval_schedule: Any = None
+        self._eval_stages: list[PipelineStage] = []
+        # Set when the stages have no data-parallel peers: torch's own shape re-inference (a real forward and
+        # backward) is then safe as a fallback for activations whose shapes cannot be derived.
+        self.may_reinfer_shapes = False
 
     # ------------------------------------------------------------ properties
     @property
@@ -158,17 +163,35 @@ class PipelineRuntime:
                     " microbatch must have the same shape."
                 )
         names = [name] * len(args) + list(kwargs)
-        self._reset_if_shapes_changed(mode, tuple((k, tuple(t.shape), t.dtype) for k, t in zip(names, tensors)))
+        self._follow_shapes(mode, tuple((k, tuple(t.shape), t.dtype) for k, t in zip(names, tensors)))
         return args, kwargs
 
-    def _reset_if_shapes_changed(self, mode: str, shapes: tuple) -> None:
-        # torch infers the shapes sent between stages once, from the first microbatch it sees. All pipeline
-        # ranks read the same batch, so they all notice a new shape (e.g. another sequence length) and
-        # redo the inference together.
+    def _follow_shapes(self, mode: str, signature: tuple) -> None:
+        """Prepare the schedule of ``mode`` for a batch whose tensors have a new shape.
+
+        torch infers the shapes sent between stages once, from the first microbatch, with a real forward and
+        backward that runs FSDP's collectives; after that, a new shape here gets metadata derived from the
+        previous one (see ``shapes.py``), so that no rank re-infers alone while its data-parallel peers, whose
+        batches may have kept their shape, wait in a different collective.
+        """
         previous = self._shapes.get(mode)
-        if previous is not None and shapes != previous:
-            reset_shape_inference(self.schedule if mode == "train" else self._eval_schedule)
-        self._shapes[mode] = shapes
+        self._shapes[mode] = signature
+        if previous is None or signature == previous:
+            return
+        stages = self.stages if mode == "train" else self._eval_stages
+        old, new = _microbatch_shape(previous, self.microbatches), _microbatch_shape(signature, self.microbatches)
+        try:
+            follow_input_shape(stages, old, new)
+        except NotDerivable as reason:
+            if not self.may_reinfer_shapes:
+                raise ValueError(
+                    f"pipeline with data parallelism: the batch's shape changed from {old} to {new} (per microbatch),"
+                    f" but the tensors sent between stages cannot follow it: {reason}. torch's shape re-inference"
+                    " would run on this rank alone and desynchronize the data-parallel ranks; pad every batch to"
+                    " one fixed shape."
+                ) from None
+            forget_given_shapes(stages)
+        reset_shape_inference(self.schedule if mode == "train" else self._eval_schedule)
 
     def run(self, inputs: Mapping[str, Any], target: Optional[Tensor], loss_fn: Any,
             loss_kwargs: Optional[dict[str, Any]] = None, losses: Optional[list] = None) -> None:
@@ -202,6 +225,7 @@ class PipelineRuntime:
         # gradients once, instead of torch re-inferring the training stages at every train/eval switch.
         stages = [PipelineStage(module, stage.stage_index, stage.num_stages, self.device, group=self.group)
                   for module, stage in zip(self.stage_modules, self.stages)]
+        self._eval_stages = stages
         if self.schedule_name not in MULTI_STAGE_SCHEDULES:
             return ScheduleForwardOnly(stages[0], self.microbatches)
         # torch's multi-stage runtime would still run the backward actions as no-ops in eval(), which fails
@@ -210,6 +234,12 @@ class PipelineRuntime:
         schedule = SCHEDULE_CLASSES[self.schedule_name](stages, n_microbatches=self.microbatches, loss_fn=None)
         schedule.pipeline_order_with_comms = _forward_only(schedule.pipeline_order_with_comms)
         return schedule
+
+
+def _microbatch_shape(signature: tuple, microbatches: int) -> tuple[int, ...]:
+    """The shape of the first stage's input per microbatch, from a batch signature ((name, shape, dtype), ...)."""
+    shape = signature[0][1]
+    return (shape[0] // microbatches, *shape[1:])
 
 
 _FORWARD_ACTIONS = frozenset({"F", "SEND_F", "RECV_F", "UNSHARD", "RESHARD"})

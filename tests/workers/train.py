@@ -45,6 +45,8 @@ def main() -> None:
     parser.add_argument("--all-labelled", action="store_true", help="every token labelled (equal counts per rank)")
     parser.add_argument("--layers", type=int, default=2, help="encoder layers of the tiny BERT")
     parser.add_argument("--validate", action="store_true", help="run a validation epoch after fitting")
+    parser.add_argument("--variable-width", action="store_true",
+                        help="batches padded to their own longest row; only data-parallel rank 1's width changes")
     args = parser.parse_args()
 
     L.seed_everything(0, verbose=False)
@@ -76,11 +78,12 @@ def main() -> None:
     )
     module = Module()
     single = args.strategy == "none"
-    trainer.fit(module, loader(args.batch_size // data_size, single_process=single, all_labelled=args.all_labelled))
+    data = dict(all_labelled=args.all_labelled, variable_width=args.variable_width, global_batch_size=args.batch_size)
+    trainer.fit(module, loader(args.batch_size // data_size, single_process=single, **data))
     result = {"losses": recorder.losses}
     if args.validate:
         # In order (no sampler shuffling) in every layout; 22 rows: the last batch is not a multiple of the microbatches.
-        val_loader = loader(args.batch_size // data_size, size=22, all_labelled=args.all_labelled)
+        val_loader = loader(args.batch_size // data_size, size=22, shuffled=False, **data)
         result["validation"] = {k: float(v) for k, v in trainer.validate(module, val_loader, verbose=False)[0].items()}
     if args.strategy == "lightning_mp":
         from lightning_mp.checkpoint.state import model_state
