@@ -34,7 +34,7 @@ from lightning_mp._compat import (
     sync_ddp_if_available,
 )
 from lightning_mp.checkpoint.hooks import CheckpointHooks
-from lightning_mp.config import MeshShape, ParallelConfig, check_precision
+from lightning_mp.config import MeshShape, ParallelConfig, check_precision, progress_timeout_seconds
 from lightning_mp.processes.watch import FailureWatch
 from lightning_mp.parallel.token_weighting import TokenWeighting
 from lightning_mp.mesh import build_device_mesh
@@ -68,6 +68,9 @@ class ModelParallelStrategy(CheckpointHooks, ParallelStrategy):
         token_weighted_loss: when the batch carries ``labels_key``, weight each data-parallel rank's loss
             and logged means by its count of labels != ``ignore_index`` (exact global token mean).
         save_distributed_checkpoint: sharded directory (True) or one full file written by rank 0.
+        progress_timeout: seconds (or a timedelta) without a training step or evaluation batch on any rank
+            after which the job prints where every rank is and exits with code 1; ``"auto"``: 300 s, or half
+            of ``timeout`` when that is shorter; ``None``: never (see ``processes/watch.py``).
         layout: ``"auto"``: the planner (``lightning_mp.planner``) chooses every degree, microbatches, FSDP mode
             and activation checkpointing for the model, world size and ``device_memory_gb`` (default: read
             from the GPU), given ``global_batch_size`` and ``sequence_length``; the degree arguments are
@@ -94,6 +97,7 @@ class ModelParallelStrategy(CheckpointHooks, ParallelStrategy):
         save_distributed_checkpoint: bool = True,
         process_group_backend: Optional[str] = None,
         timeout: Optional[timedelta] = default_pg_timeout,
+        progress_timeout: Union[float, timedelta, None, Literal["auto"]] = "auto",
         layout: Literal["manual", "auto"] = "manual",
         global_batch_size: Optional[int] = None,
         sequence_length: Optional[int] = None,
@@ -129,7 +133,7 @@ class ModelParallelStrategy(CheckpointHooks, ParallelStrategy):
         self._device_mesh: Optional[DeviceMesh] = None
         self._data_mesh: Optional[DeviceMesh] = None
         self._pipeline: Optional[PipelineLoop] = None
-        self._failure_watch = FailureWatch()
+        self._failure_watch = FailureWatch(progress_timeout=progress_timeout_seconds(progress_timeout, timeout))
         self.num_nodes = 1
 
     # ---------------------------------------------------------------- layout and processes
@@ -313,10 +317,15 @@ class ModelParallelStrategy(CheckpointHooks, ParallelStrategy):
 
     def predict_step(self, *args: Any, **kwargs: Any) -> Any:
         if self._pipeline is None:
-            return super().predict_step(*args, **kwargs)
+            with self._failure_watch.step():
+                return super().predict_step(*args, **kwargs)
         return self._step("predict_step", self.precision_plugin.predict_step_context, args, kwargs)
 
     def _step(self, hook: str, context: Any, args: tuple, kwargs: dict) -> Any:
+        with self._failure_watch.step():  # the progress watch: starting and finishing a step count as progress
+            return self._run_step(hook, context, args, kwargs)
+
+    def _run_step(self, hook: str, context: Any, args: tuple, kwargs: dict) -> Any:
         if self._pipeline is None:
             return self._weighted_step(getattr(super(), hook), *args, **kwargs)
         module = self.lightning_module
