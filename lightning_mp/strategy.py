@@ -283,7 +283,8 @@ class ModelParallelStrategy(CheckpointHooks, ParallelStrategy):
         # norms of gradients sharded over different meshes. Route it to the global-norm version.
         # Pipeline stages hold disjoint parameters: their squared norms are summed over the pipeline group.
         def clip_grad_by_norm(plugin: Any, optimizer: Optimizer, clip_val: Union[int, float]) -> None:
-            clip_grad_norm_(list(plugin.main_params(optimizer)), clip_val, extra_group=self.pipeline_group)
+            clip_grad_norm_(list(plugin.main_params(optimizer)), clip_val, extra_group=self.pipeline_group,
+                            device=self.root_device)
 
         self.precision_plugin.clip_grad_by_norm = types.MethodType(clip_grad_by_norm, self.precision_plugin)
 
