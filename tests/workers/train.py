@@ -21,11 +21,20 @@ from tiny_bert import TinyBertModule, loader  # noqa: E402
 
 
 class RecordLoss(Callback):
-    def __init__(self) -> None:
+    def __init__(self, grad_norms: bool = False) -> None:
         self.losses: list[float] = []
+        self.grad_norms: list[float] = []
+        self.record_grad_norms = grad_norms
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.losses.append(float(trainer.callback_metrics["train_loss"]))
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        # After the GradScaler unscaled the gradients, before clipping: the global norm over every shard.
+        if self.record_grad_norms:
+            from lightning_mp.parallel.grad_norm import total_grad_norm
+
+            self.grad_norms.append(float(total_grad_norm([p for p in pl_module.parameters()])))
 
 
 def main() -> None:
@@ -36,7 +45,8 @@ def main() -> None:
     parser.add_argument("--strategy", default="lightning_mp", choices=["lightning_mp", "lightning", "none"],
                         help="lightning: Lightning's own ModelParallelStrategy (the peer)")
     parser.add_argument("--layout", default="{}", help="JSON kwargs for ModelParallelStrategy")
-    parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--precision", default="32-true",
+                        help="16-mixed is forced (GradScaler plugin): on CPU the Trainer would turn it into bf16-mixed")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=16, help="global batch size")
     parser.add_argument("--accumulate", type=int, default=1)
@@ -45,6 +55,7 @@ def main() -> None:
     parser.add_argument("--all-labelled", action="store_true", help="every token labelled (equal counts per rank)")
     parser.add_argument("--layers", type=int, default=2, help="encoder layers of the tiny BERT")
     parser.add_argument("--validate", action="store_true", help="run a validation epoch after fitting")
+    parser.add_argument("--grad-norms", action="store_true", help="record the global gradient norm before each step")
     parser.add_argument("--variable-width", action="store_true",
                         help="batches padded to their own longest row; only data-parallel rank 1's width changes")
     args = parser.parse_args()
@@ -69,10 +80,15 @@ def main() -> None:
         from dropin_module import DropInModule as Module
     else:
         Module = partial(TinyBertModule, layers=args.layers)
-    recorder = RecordLoss()
+    recorder = RecordLoss(grad_norms=args.grad_norms)
+    precision: dict = {"precision": args.precision}
+    if args.precision == "16-mixed":  # the plugin a GPU run gets: fp16 autocast and a GradScaler
+        from lightning.pytorch.plugins.precision import MixedPrecision
+
+        precision = {"plugins": [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))]}
     trainer = L.Trainer(
         accelerator="cpu", devices=args.devices, num_nodes=args.num_nodes, strategy=strategy,
-        precision=args.precision, max_steps=args.steps, accumulate_grad_batches=args.accumulate,
+        **precision, max_steps=args.steps, accumulate_grad_batches=args.accumulate,
         gradient_clip_val=args.clip, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, callbacks=[recorder], num_sanity_val_steps=0,
     )
@@ -80,7 +96,9 @@ def main() -> None:
     single = args.strategy == "none"
     data = dict(all_labelled=args.all_labelled, variable_width=args.variable_width, global_batch_size=args.batch_size)
     trainer.fit(module, loader(args.batch_size // data_size, single_process=single, **data))
-    result = {"losses": recorder.losses}
+    result = {"losses": recorder.losses, "grad_norms": recorder.grad_norms}
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    result["grad_scale"] = scaler.get_scale() if scaler is not None else None
     if args.validate:
         # In order (no sampler shuffling) in every layout; 22 rows: the last batch is not a multiple of the microbatches.
         val_loader = loader(args.batch_size // data_size, size=22, shuffled=False, **data)
