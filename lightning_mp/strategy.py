@@ -338,8 +338,10 @@ class ModelParallelStrategy(CheckpointHooks, ParallelStrategy):
                 return self._pipeline.evaluation_step(module, getattr(module, hook), batch, *rest)
             # The schedule runs backward itself, so it applies what Lightning's backward would: the
             # data-parallel token weight and the division by accumulate_grad_batches.
-            scale = self._token_weighting.loss_scale / module.trainer.accumulate_grad_batches
-            return self._pipeline.training_step(module, batch, rest, scale)
+            accumulate = module.trainer.accumulate_grad_batches
+            first_in_window = not rest or rest[0] % accumulate == 0  # Lightning's rule for calling zero_grad
+            return self._pipeline.training_step(module, batch, rest, self._token_weighting.loss_scale / accumulate,
+                                                zeroed_next=first_in_window)
 
     def _observe(self, batch: Any) -> None:
         data_mesh = self._data_mesh
@@ -357,8 +359,7 @@ class ModelParallelStrategy(CheckpointHooks, ParallelStrategy):
             closure_loss = self.precision_plugin.pre_backward(closure_loss, self.lightning_module)
             self._pipeline.hand_over_gradients()
             return self.precision_plugin.post_backward(closure_loss, self.lightning_module)
-        if self._token_weighting.loss_scale != 1.0:
-            closure_loss = closure_loss * self._token_weighting.loss_scale
+        closure_loss = self._token_weighting.scale(closure_loss)
         return super().backward(closure_loss, optimizer, *args, **kwargs)
 
     def reduce(self, tensor: Any, group: Optional[Any] = None, reduce_op: Optional[Any] = "mean") -> Any:

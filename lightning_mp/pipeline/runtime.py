@@ -27,7 +27,7 @@ from torch.distributed.pipelining import (
     ScheduleZBVZeroBubble,
 )
 
-from lightning_mp._compat import ScheduleForwardOnly, reset_shape_inference
+from lightning_mp._compat import ScheduleForwardOnly, reset_shape_inference, wrap_shape_inference
 from lightning_mp.config import MULTI_STAGE_SCHEDULES, PIPELINE_SCHEDULES, stages_per_rank, too_few_blocks
 from lightning_mp.pipeline.loss import LossSlot
 from lightning_mp.pipeline.shapes import NotDerivable, follow_input_shape, forget_given_shapes
@@ -227,13 +227,38 @@ class PipelineRuntime:
                   for module, stage in zip(self.stage_modules, self.stages)]
         self._eval_stages = stages
         if self.schedule_name not in MULTI_STAGE_SCHEDULES:
-            return ScheduleForwardOnly(stages[0], self.microbatches)
+            schedule = ScheduleForwardOnly(stages[0], self.microbatches)
+            _keep_gradients_through_initialization(schedule, self.shell)
+            return schedule
         # torch's multi-stage runtime would still run the backward actions as no-ops in eval(), which fails
         # for stages adjacent on one rank (ZB-V) and reduces FSDP gradients. Keep the forward actions and
         # their sends/receives, in the schedule's own order.
         schedule = SCHEDULE_CLASSES[self.schedule_name](stages, n_microbatches=self.microbatches, loss_fn=None)
         schedule.pipeline_order_with_comms = _forward_only(schedule.pipeline_order_with_comms)
+        _keep_gradients_through_initialization(schedule, self.shell)
         return schedule
+
+
+def _keep_gradients_through_initialization(schedule: Any, shell: nn.Module) -> None:
+    """torch clears ``.grad`` of every FSDP parameter after (re)initializing a stage (first step, new shapes,
+    the evaluation schedule's first batch): gradients accumulated earlier in an accumulation window would be
+    lost. Move them aside for the initialization (so that a shape inference's backward cannot add to them
+    either) and put them back: references only, nothing is copied."""
+
+    def keeping(initialize: Any) -> Any:
+        def kept(*args: Any, **kwargs: Any) -> Any:
+            saved = [(p, p.grad) for p in shell.parameters()]
+            for parameter, _ in saved:
+                parameter.grad = None
+            try:
+                return initialize(*args, **kwargs)
+            finally:
+                for parameter, grad in saved:
+                    parameter.grad = grad
+
+        return kept
+
+    wrap_shape_inference(schedule, keeping)
 
 
 def _microbatch_shape(signature: tuple, microbatches: int) -> tuple[int, ...]:
@@ -310,5 +335,6 @@ def build_pipeline(
     target = stages if schedule_name in MULTI_STAGE_SCHEDULES else stages[0]
     schedule = schedule_cls(target, n_microbatches=microbatches, loss_fn=slot, scale_grads=False)
     slot.watch(schedule)
+    _keep_gradients_through_initialization(schedule, shell)
     return PipelineRuntime(shell, stage_modules, stages, schedule, pp_mesh, schedule_name, pipeline, device, points,
                            microbatches, slot)
