@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.pipelining import (
     PipelineStage,
     Schedule1F1B,
@@ -166,6 +167,20 @@ class PipelineRuntime:
         self._follow_shapes(mode, tuple((k, tuple(t.shape), t.dtype) for k, t in zip(names, tensors)))
         return args, kwargs
 
+    def _reshard(self) -> None:
+        """Every FSDP unit of this rank's stages resharded before a step, whatever happened before.
+
+        Re-initializing a stage for new shapes reshards its FSDP units (torch's clean-up after shape
+        inference), but only on the rank whose batch changed shape; a unit kept gathered between steps (the
+        last block, and every unit after a forward-only step) would then be all-gathered on that rank and not
+        on its data-parallel peer: their collectives stop lining up. Resharding is local (no collective) and
+        is what a training step ends with anyway; in evaluation it costs one all-gather of the last block.
+        """
+        for stage_module in self.stage_modules:
+            for module in stage_module.modules():
+                if isinstance(module, FSDPModule):
+                    module.reshard()
+
     def _follow_shapes(self, mode: str, signature: tuple) -> None:
         """Prepare the schedule of ``mode`` for a batch whose tensors have a new shape.
 
@@ -202,6 +217,7 @@ class PipelineRuntime:
         ``inputs`` are the model inputs of the whole local batch, the same on every pipeline rank (only
         the first stage uses ``input_name``); ``target`` is split into microbatches like the inputs.
         """
+        self._reshard()
         args, kwargs = self._arguments(inputs, "train")
         self._loss_slot.fn = loss_fn
         try:
@@ -216,6 +232,7 @@ class PipelineRuntime:
         backward action and no gradient reduction, and leaves the training schedule's state alone."""
         if self._eval_schedule is None:
             self._eval_schedule = self._build_eval_schedule()
+        self._reshard()
         args, kwargs = self._arguments(inputs, "eval")
         output = self._eval_schedule.step(*args, **kwargs)
         return output if self.is_last else None

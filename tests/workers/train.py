@@ -101,7 +101,9 @@ def main() -> None:
     result["grad_scale"] = scaler.get_scale() if scaler is not None else None
     if args.validate:
         # In order (no sampler shuffling) in every layout; 22 rows: the last batch is not a multiple of the microbatches.
-        val_loader = loader(args.batch_size // data_size, size=22, shuffled=False, **data)
+        # With --variable-width, 38 rows: two full batches per rank in which only rank 1's width changes (a
+        # shape change on one data-parallel peer alone), then a padded last batch.
+        val_loader = loader(args.batch_size // data_size, size=38 if args.variable_width else 22, shuffled=False, **data)
         result["validation"] = {k: float(v) for k, v in trainer.validate(module, val_loader, verbose=False)[0].items()}
     if args.strategy == "lightning_mp":
         from lightning_mp.checkpoint.state import model_state
