@@ -83,8 +83,10 @@ CHANGING_WIDTH = [(schedule, 1) for schedule in SCHEDULES] + [("1f1b", 2), ("zbv
                          ids=[f"{s}-pp2xdp2{'xtp2' if t == 2 else ''}" for s, t in CHANGING_WIDTH])
 def test_batches_of_changing_width_match(schedule, tensor, tmp_path, reference_runs):
     """Each batch padded to its own longest row, and only data-parallel rank 1's width changes from step to
-    step (and between validation batches): every rank of a stage must still run the same collectives (torch
-    re-inferred shapes with a real forward + backward on the changed rank alone: gloo size mismatch or hang)."""
+    step (and between two full validation batches, 38 rows): every rank of a stage must still run the same
+    collectives. Before: torch re-inferred shapes with a real forward + backward on the changed rank alone
+    (gloo size mismatch with 1F1B, a hang with GPipe), and in validation the re-initialized rank resharded its
+    FSDP units and all-gathered the last block where its peer did not."""
     reference = reference_runs(*VARIABLE_WIDTH)
     layout = {"pipeline_parallel_size": 2, "data_parallel_size": 2, "tensor_parallel_size": tensor,
               "pipeline_schedule": schedule, "microbatches": 4}
