@@ -145,3 +145,25 @@ def check_schedule_internals() -> None:
 
 
 check_schedule_internals()
+
+
+# A PipelineStage keeps the metadata of the tensors it sends and receives (shape, stride, dtype, grad) in
+# ``_stage_meta``; metadata given up front (``_user_meta``, the constructor's input_args/output_args) makes the
+# schedule's next initialization use it instead of running the stage (its "static" mode).
+StageMeta = _require("torch.distributed.pipelining._utils", "_StageMeta")
+TensorMeta = _require("torch.distributed.pipelining._utils", "_TensorMeta")
+
+
+def stage_metadata(stage: Any) -> Any:
+    """The metadata ``stage`` last used (``PipelineStage._stage_meta``)."""
+    if not hasattr(stage, "_stage_meta"):
+        raise _missing("PipelineStage._stage_meta", "torch.distributed.pipelining.stage")
+    return stage._stage_meta
+
+
+def give_stage_metadata(stage: Any, meta: Any) -> None:
+    """Metadata for the next initialization of ``stage`` (``PipelineStage._user_meta``); an empty one lets
+    torch infer again."""
+    if not hasattr(stage, "_user_meta"):
+        raise _missing("PipelineStage._user_meta", "torch.distributed.pipelining.stage")
+    stage._user_meta = meta

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Literal, Union
+from datetime import timedelta
+from typing import Literal, Optional, Union
 
 DATA_PARALLEL_MODES = ("fully_sharded", "hybrid", "replicated")
 PIPELINE_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "interleaved_zero_bubble", "zbv_zero_bubble")
@@ -220,3 +221,30 @@ def check_pipeline(config: ParallelConfig, num_blocks: int, local_batch_size: in
             f"the batch size per data-parallel rank, {local_batch_size}, is not divisible by microbatches={microbatches};"
             f" use a multiple of {microbatches}."
         )
+
+
+# A stuck job ends itself after this long without a step (see processes/watch.py), unless the process group's timeout
+# is shorter: then half of that, so that the watch, not a collective's timeout, reports where every rank is.
+DEFAULT_PROGRESS_TIMEOUT_S = 300.0
+
+
+def progress_timeout_seconds(progress_timeout: Union[float, timedelta, None, Literal["auto"]],
+                             timeout: Optional[timedelta]) -> Optional[float]:
+    """``progress_timeout`` in seconds (None: no progress watch); ``timeout`` is the process group's."""
+    group_s = timeout.total_seconds() if timeout is not None else None
+    if progress_timeout == "auto":
+        return DEFAULT_PROGRESS_TIMEOUT_S if group_s is None else min(DEFAULT_PROGRESS_TIMEOUT_S, group_s / 2)
+    if progress_timeout is None:
+        return None
+    seconds = progress_timeout.total_seconds() if isinstance(progress_timeout, timedelta) else progress_timeout
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
+        raise ValueError(
+            f"progress_timeout={progress_timeout!r}: give seconds (a positive number) or a timedelta, 'auto'"
+            f" ({DEFAULT_PROGRESS_TIMEOUT_S:g} s or half the process-group timeout) or None (no progress watch)."
+        )
+    if group_s is not None and seconds >= group_s:
+        raise ValueError(
+            f"progress_timeout={seconds:g} s is not shorter than the process-group timeout={group_s:g} s: a stuck"
+            f" collective would time out first, without saying where each rank is; use less than {group_s:g} s."
+        )
+    return float(seconds)

@@ -35,7 +35,7 @@ from lightning_mp._compat import (
 )
 from lightning_mp.checkpoint.hooks import CheckpointHooks
 from lightning_mp.checkpoint.pretrained import load_pending, meta_outside, pending_sources
-from lightning_mp.config import MeshShape, ParallelConfig, check_precision
+from lightning_mp.config import MeshShape, ParallelConfig, check_precision, progress_timeout_seconds
 from lightning_mp.processes.watch import FailureWatch
 from lightning_mp.parallel.token_weighting import TokenWeighting
 from lightning_mp.mesh import build_device_mesh
@@ -69,6 +69,9 @@ class ModelParallelStrategy(CheckpointHooks, ParallelStrategy):
         token_weighted_loss: when the batch carries ``labels_key``, weight each data-parallel rank's loss
             and logged means by its count of labels != ``ignore_index`` (exact global token mean).
         save_distributed_checkpoint: sharded directory (True) or one full file written by rank 0.
+        progress_timeout: seconds (or a timedelta) without a training step or evaluation batch on any rank
+            after which the job prints where every rank is and exits with code 1; ``"auto"``: 300 s, or half
+            of ``timeout`` when that is shorter; ``None``: never (see ``processes/watch.py``).
         layout: ``"auto"``: the planner (``lightning_mp.planner``) chooses every degree, microbatches, FSDP mode
             and activation checkpointing for the model, world size and ``device_memory_gb`` (default: read
             from the GPU), given ``global_batch_size`` and ``sequence_length``; the degree arguments are
@@ -110,6 +113,7 @@ class ModelParallelStrategy(CheckpointHooks, ParallelStrategy):
         save_distributed_checkpoint: bool = True,
         process_group_backend: Optional[str] = None,
         timeout: Optional[timedelta] = default_pg_timeout,
+        progress_timeout: Union[float, timedelta, None, Literal["auto"]] = "auto",
         layout: Literal["manual", "auto"] = "manual",
         global_batch_size: Optional[int] = None,
         sequence_length: Optional[int] = None,
@@ -145,7 +149,7 @@ class ModelParallelStrategy(CheckpointHooks, ParallelStrategy):
         self._device_mesh: Optional[DeviceMesh] = None
         self._data_mesh: Optional[DeviceMesh] = None
         self._pipeline: Optional[PipelineLoop] = None
-        self._failure_watch = FailureWatch()
+        self._failure_watch = FailureWatch(progress_timeout=progress_timeout_seconds(progress_timeout, timeout))
         self.num_nodes = 1
 
     # ---------------------------------------------------------------- layout and processes
@@ -310,7 +314,7 @@ class ModelParallelStrategy(CheckpointHooks, ParallelStrategy):
         def clip_grad_by_norm(plugin: Any, optimizer: Optimizer, clip_val: Union[int, float]) -> None:
             tied = self._tied  # a weight tied across the first and last stage counts once, as unsplit
             clip_grad_norm_(list(plugin.main_params(optimizer)), clip_val, extra_group=self.pipeline_group,
-                            duplicates=tied.duplicates if tied is not None else ())
+                            duplicates=tied.duplicates if tied is not None else (), device=self.root_device)
 
         self.precision_plugin.clip_grad_by_norm = types.MethodType(clip_grad_by_norm, self.precision_plugin)
 
@@ -344,10 +348,15 @@ class ModelParallelStrategy(CheckpointHooks, ParallelStrategy):
 
     def predict_step(self, *args: Any, **kwargs: Any) -> Any:
         if self._pipeline is None:
-            return super().predict_step(*args, **kwargs)
+            with self._failure_watch.step():
+                return super().predict_step(*args, **kwargs)
         return self._step("predict_step", self.precision_plugin.predict_step_context, args, kwargs)
 
     def _step(self, hook: str, context: Any, args: tuple, kwargs: dict) -> Any:
+        with self._failure_watch.step():  # the progress watch: starting and finishing a step count as progress
+            return self._run_step(hook, context, args, kwargs)
+
+    def _run_step(self, hook: str, context: Any, args: tuple, kwargs: dict) -> Any:
         if self._pipeline is None:
             return self._weighted_step(getattr(super(), hook), *args, **kwargs)
         module = self.lightning_module
@@ -359,8 +368,10 @@ class ModelParallelStrategy(CheckpointHooks, ParallelStrategy):
                 return self._pipeline.evaluation_step(module, getattr(module, hook), batch, *rest)
             # The schedule runs backward itself, so it applies what Lightning's backward would: the
             # data-parallel token weight and the division by accumulate_grad_batches.
-            scale = self._token_weighting.loss_scale / module.trainer.accumulate_grad_batches
-            return self._pipeline.training_step(module, batch, rest, scale)
+            accumulate = module.trainer.accumulate_grad_batches
+            first_in_window = not rest or rest[0] % accumulate == 0  # Lightning's rule for calling zero_grad
+            return self._pipeline.training_step(module, batch, rest, self._token_weighting.loss_scale / accumulate,
+                                                zeroed_next=first_in_window)
 
     def _observe(self, batch: Any) -> None:
         data_mesh = self._data_mesh
@@ -397,8 +408,7 @@ class ModelParallelStrategy(CheckpointHooks, ParallelStrategy):
             closure_loss = self.precision_plugin.pre_backward(closure_loss, self.lightning_module)
             self._pipeline.hand_over_gradients()
             return self.precision_plugin.post_backward(closure_loss, self.lightning_module)
-        if self._token_weighting.loss_scale != 1.0:
-            closure_loss = closure_loss * self._token_weighting.loss_scale
+        closure_loss = self._token_weighting.scale(closure_loss)
         return super().backward(closure_loss, optimizer, *args, **kwargs)
 
     def reduce(self, tensor: Any, group: Optional[Any] = None, reduce_op: Optional[Any] = "mean") -> Any:

@@ -65,3 +65,18 @@ def test_logged_epoch_means_match_under_data_parallelism(tmp_path, reference_run
     result = run_worker(tmp_path, devices=2, layout={"data_parallel_size": 2}, extra=extra)
     assert result["validation"]["val_loss"] == pytest.approx(reference["validation"]["val_loss"], abs=FP32_TOLERANCE)
     assert result["validation"]["val_accuracy"] == pytest.approx(reference["validation"]["val_accuracy"], abs=1e-6)
+
+
+def test_fp16_grad_scaler_with_fsdp_and_clipping_is_close(tmp_path, reference_runs):
+    """16-mixed (what a GPU run gets: fp16 autocast and a GradScaler, forced on CPU) with FSDP2 gradients and
+    the global-norm clipping: the scaler unscales the sharded gradients before they are clipped."""
+    extra = ("--precision", "16-mixed", "--clip", "0.05", "--grad-norms")
+    reference = reference_runs(*extra)
+    result = run_worker(tmp_path, devices=2, layout={"data_parallel_size": 2}, extra=extra)
+    assert result["grad_scale"] == reference["grad_scale"] == 65536.0  # no step skipped for inf/NaN
+    # Unscaled (a missed unscale would be 65536 times larger) and equal to one process's: the norm clipping uses.
+    assert result["grad_norms"] == pytest.approx(reference["grad_norms"], rel=1e-3)
+    assert all(norm > 0.05 for norm in reference["grad_norms"])  # so every step is clipped
+    assert result["losses"] == pytest.approx(reference["losses"], abs=1e-4)  # measured: 6e-6
+    # fp16 compute; AdamW hides most of a gradient's scale, so weights say less than the norms above.
+    assert max_weight_difference(result["state_dict"], reference["state_dict"]) < 1e-3  # measured: 4.5e-4

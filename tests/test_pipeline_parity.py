@@ -37,6 +37,10 @@ LAYOUTS = {
 }
 
 
+SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "interleaved_zero_bubble", "zbv_zero_bubble")
+VARIABLE_WIDTH = (*FOUR_LAYERS, "--variable-width")
+
+
 def assert_matches(result: dict, reference: dict) -> None:
     assert result["losses"] == pytest.approx(reference["losses"], abs=FP32_TOLERANCE)
     assert max_weight_difference(result["state_dict"], reference["state_dict"]) < FP32_TOLERANCE
@@ -68,3 +72,22 @@ def test_pipeline_with_activation_checkpointing_and_bf16(tmp_path, reference_run
     assert max_weight_difference(result["state_dict"], reference["state_dict"]) < 5e-3
     # Rank 0 holds the first stage (blocks 0-1 of the balanced split [0, 2]); each of its blocks recomputes.
     assert result["checkpointed"] == ["model.bert.encoder.layer.0", "model.bert.encoder.layer.1"]
+
+
+# Every schedule at pp2xdp2; at 8 ranks (about 95 s a run on 2 cores) one single-stage and one two-stage-per-rank
+# schedule: the shapes are derived per stage, and tensor parallelism only changes what runs inside a stage.
+CHANGING_WIDTH = [(schedule, 1) for schedule in SCHEDULES] + [("1f1b", 2), ("zbv_zero_bubble", 2)]
+
+
+@pytest.mark.parametrize(("schedule", "tensor"), CHANGING_WIDTH,
+                         ids=[f"{s}-pp2xdp2{'xtp2' if t == 2 else ''}" for s, t in CHANGING_WIDTH])
+def test_batches_of_changing_width_match(schedule, tensor, tmp_path, reference_runs):
+    """Each batch padded to its own longest row, and only data-parallel rank 1's width changes from step to
+    step (and between two full validation batches, 38 rows): every rank of a stage must still run the same
+    collectives. Before: torch re-inferred shapes with a real forward + backward on the changed rank alone
+    (gloo size mismatch with 1F1B, a hang with GPipe), and in validation the re-initialized rank resharded its
+    FSDP units and all-gathered the last block where its peer did not."""
+    reference = reference_runs(*VARIABLE_WIDTH)
+    layout = {"pipeline_parallel_size": 2, "data_parallel_size": 2, "tensor_parallel_size": tensor,
+              "pipeline_schedule": schedule, "microbatches": 4}
+    assert_matches(run_worker(tmp_path, devices=4 * tensor, layout=layout, extra=VARIABLE_WIDTH), reference)

@@ -45,9 +45,8 @@ from lightning_mp.checkpoint.io import (
     without_single_process_warning,
 )
 
-# Gathered over FSDP/tensor ranks on every rank (torch's cpu_offload keeps it on global rank 0 only, but
-# under a pipeline every stage's share is needed), then sent over the pipeline group.
-_FULL_ON_EVERY_RANK = StateDictOptions(full_state_dict=True, cpu_offload=False, flatten_optimizer_state_dict=True)
+# Under a pipeline the full state is assembled from the sharded one entry by entry (see _merge_on_rank_zero).
+_SHARDED = StateDictOptions(full_state_dict=False, cpu_offload=False, flatten_optimizer_state_dict=True)
 
 
 def model_state(model: nn.Module, full: bool, pipeline_group: dist.ProcessGroup | None = None) -> dict[str, Any]:
@@ -56,7 +55,7 @@ def model_state(model: nn.Module, full: bool, pipeline_group: dist.ProcessGroup 
     global rank 0 (the others get ``{}``)."""
     if not (full and pipeline_group is not None):
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=full, cpu_offload=full))
-    return _merge_on_rank_zero(get_model_state_dict(model, options=_FULL_ON_EVERY_RANK), pipeline_group)
+    return _merge_on_rank_zero(get_model_state_dict(model, options=_SHARDED), pipeline_group)
 
 
 def optimizer_state(model: nn.Module, optimizer: Optimizer, full: bool,
@@ -65,23 +64,56 @@ def optimizer_state(model: nn.Module, optimizer: Optimizer, full: bool,
     if not (full and pipeline_group is not None):
         options = StateDictOptions(full_state_dict=full, cpu_offload=full, flatten_optimizer_state_dict=True)
         return get_optimizer_state_dict(model, optimizer, options=options)
-    return _merge_on_rank_zero(get_optimizer_state_dict(model, optimizer, options=_FULL_ON_EVERY_RANK),
-                               pipeline_group)
+    return _merge_on_rank_zero(get_optimizer_state_dict(model, optimizer, options=_SHARDED), pipeline_group)
+
+
+_HOST = torch.device("cpu")  # host memory: where a full checkpoint is assembled, whatever the compute device
 
 
 def _merge_on_rank_zero(state: dict[str, Any], group: dist.ProcessGroup) -> dict[str, Any]:
-    """Every pipeline rank's entries in one dict on global rank 0; ``{}`` elsewhere.
+    """Every pipeline rank's entries, unsharded, in one dict in global rank 0's host memory; ``{}`` elsewhere.
 
-    Only the pipeline group that contains global rank 0 (the rank that writes) communicates; the others
-    hold copies of the same stages (data/tensor peers) and have nothing to send.
+    Memory: entries are unsharded one at a time (every rank of a stage joins each all-gather, in the same
+    order: same keys), and only the ranks that must send keep them, in host memory: the members of the
+    pipeline group holding global rank 0, one copy of every stage. The others (data/tensor peers holding
+    copies of the same stages) drop each entry at once. Senders then stream their entries to rank 0 one
+    tensor at a time through the device (what the process group's backend needs), so no device holds more
+    than one extra tensor, and nothing is pickled but names, shapes and dtypes.
     """
     members = dist.get_process_group_ranks(group)
-    if 0 not in members:
+    sends = 0 in members
+    device = next((_local(v).device for v in state.values() if isinstance(v, torch.Tensor)), _HOST)
+    kept: dict[str, Any] = {}
+    for key, value in state.items():
+        if isinstance(value, DTensor):
+            value = value.full_tensor()  # collective over the stage's data/tensor ranks
+        if sends:
+            kept[key] = value.detach().to(_HOST) if isinstance(value, torch.Tensor) else value
+    if not sends:
         return {}
-    state = {key: value.detach().cpu() if isinstance(value, torch.Tensor) else value for key, value in state.items()}
+    described = {k: (tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else v for k, v in kept.items()}
     parts: list[Any] | None = [None] * len(members) if dist.get_rank() == 0 else None
-    dist.gather_object(state, parts, dst=0, group=group)
-    return {key: value for part in parts or [] for key, value in part.items()}
+    dist.gather_object(described, parts, dst=0, group=group)
+    if dist.get_rank() != 0:
+        for value in kept.values():
+            if isinstance(value, torch.Tensor):
+                dist.send(value.to(device).contiguous(), dst=0, group=group)
+        return {}
+    assert parts is not None
+    for rank, part in zip(members, parts):
+        if rank == 0:
+            continue
+        for key, item in part.items():
+            if isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], torch.dtype):
+                buffer = torch.empty(item[0], dtype=item[1], device=device)
+                dist.recv(buffer, src=rank, group=group)
+                item = buffer.to(_HOST)
+            kept[key] = item
+    return kept
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def _everyone_wants(keys: set[str]) -> set[str]:

@@ -144,6 +144,7 @@ def _parallelize_pipeline(module: nn.Module, planned: PlannedModel, mesh: Device
         planned.model, plan, mesh[PIPELINE], config.pipeline_schedule, config.microbatches or mesh[PIPELINE].size(),
         device, split_points=split_points, parallelize_stage=parallelize_stage,
     )
+    runtime.may_reinfer_shapes = dp_mesh is None
     parent_path, _, name = planned.path.rpartition(".")
     parent = module.get_submodule(parent_path) if parent_path else module
     setattr(parent, name, runtime.shell)  # the unsplit model is dropped here

@@ -22,14 +22,21 @@ from lightning_mp._compat import foreach_mul_, foreach_norm
 
 
 def total_grad_norm(
-    parameters: Iterable[Tensor], norm_type: float = 2.0, extra_group: dist.ProcessGroup | None = None
+    parameters: Iterable[Tensor], norm_type: float = 2.0, extra_group: dist.ProcessGroup | None = None,
+    device: torch.device | None = None,
 ) -> Tensor:
     """The norm of all gradients as if they were one unsharded vector.
 
-    ``extra_group`` sums over ranks holding disjoint parameter sets (pipeline stages).
+    ``extra_group`` sums over ranks holding disjoint parameter sets (pipeline stages). ``device``: where
+    the norm lives when this rank holds no gradient (default: the first parameter's device); it joins
+    collectives, so it must be the rank's device (NCCL rejects CPU tensors).
     """
     norm_type = float(norm_type)
     parameters = list(parameters)
+    if device is None:
+        if not parameters:
+            raise ValueError("total_grad_norm got no parameters and no device: pass device= (the rank's device).")
+        device = parameters[0].device
     groups: dict[object, list[Tensor]] = defaultdict(list)
     layouts: dict[object, tuple] = {}
     for param in parameters:
@@ -57,7 +64,7 @@ def total_grad_norm(
             local = DTensor.from_local(local, mesh, spec, run_check=False).full_tensor()
         total = local if total is None else (torch.maximum(total, local) if is_inf else total + local)
     if total is None:  # no gradients here (e.g. a frozen stage); still join the collective below
-        total = torch.zeros((), device=parameters[0].device if parameters else None)
+        total = torch.zeros((), device=device)
     if extra_group is not None:
         dist.all_reduce(total, op=dist.ReduceOp.MAX if is_inf else dist.ReduceOp.SUM, group=extra_group)
     return total if is_inf else total.pow(1.0 / norm_type)
@@ -69,15 +76,16 @@ def clip_grad_norm_(
     norm_type: float = 2.0,
     extra_group: dist.ProcessGroup | None = None,
     duplicates: Iterable[Tensor] = (),
+    device: torch.device | None = None,
 ) -> Tensor:
     """Scale gradients in place so their global norm is at most ``max_norm``; returns the norm before.
 
     ``duplicates``: parameters whose gradient is a copy of one another rank counts (a weight tied across
-    pipeline stages); scaled, but not counted again in the norm.
+    pipeline stages); scaled, but not counted again in the norm. ``device`` as in :func:`total_grad_norm`.
     """
+    parameters, skip = list(parameters), {id(p) for p in duplicates}
+    total = total_grad_norm([p for p in parameters if id(p) not in skip], norm_type, extra_group, device)
     parameters = [p for p in parameters if p.grad is not None]
-    skip = {id(p) for p in duplicates}
-    total = total_grad_norm([p for p in parameters if id(p) not in skip], norm_type, extra_group)
     coefficient = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad for p in parameters]
     if grads:

@@ -41,7 +41,11 @@ def count_labelled_tokens(batch: Any, labels_key: str, ignore_index: int, shifte
 
 
 class TokenWeighting:
-    """Per-batch weights; ``loss_scale`` stays valid from ``observe`` until the next batch."""
+    """Per-batch weights; ``loss_scale`` stays valid from ``observe`` until the next batch.
+
+    ``loss_scale`` is a float32 tensor on the rank's device when the weighting applies (1.0 otherwise):
+    reading it on the host would wait for the device every step, and nothing on the host needs its value.
+    """
 
     def __init__(self, labels_key: str = "labels", ignore_index: int = -100, enabled: bool = True) -> None:
         self.labels_key = labels_key
@@ -49,7 +53,7 @@ class TokenWeighting:
         self.enabled = enabled
         # Set from the model's plan once it is known (causal LMs shift their labels).
         self.shifted_labels = False
-        self.loss_scale = 1.0
+        self.loss_scale: Tensor | float = 1.0
         self._local_tokens: Tensor | None = None
         self._reducing = False
 
@@ -64,10 +68,16 @@ class TokenWeighting:
             return
         total = local.clone()
         dist.all_reduce(total, group=data_group)
-        if total.item() == 0:  # nothing labelled anywhere: fall back to the plain mean
-            return
-        self._local_tokens = local
-        self.loss_scale = (local * data_size / total).item()
+        # Nothing labelled anywhere: the plain mean (every rank weighs 1), decided on the device.
+        anything = total > 0
+        self._local_tokens = torch.where(anything, local, torch.ones_like(local))
+        self.loss_scale = torch.where(anything, local * data_size / total.clamp(min=1), torch.ones_like(local)).float()
+
+    def scale(self, loss: Tensor) -> Tensor:
+        """``loss`` times this batch's weight, in the loss's dtype."""
+        if isinstance(self.loss_scale, Tensor):
+            return loss * self.loss_scale.to(loss.dtype)
+        return loss if self.loss_scale == 1.0 else loss * self.loss_scale
 
     @contextmanager
     def reducing_logged_values(self, module: Any) -> Iterator[None]:

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.pipelining import (
     PipelineStage,
     Schedule1F1B,
@@ -27,9 +28,10 @@ from torch.distributed.pipelining import (
     ScheduleZBVZeroBubble,
 )
 
-from lightning_mp._compat import ScheduleForwardOnly, reset_shape_inference
+from lightning_mp._compat import ScheduleForwardOnly, reset_shape_inference, wrap_shape_inference
 from lightning_mp.config import MULTI_STAGE_SCHEDULES, PIPELINE_SCHEDULES, stages_per_rank, too_few_blocks
 from lightning_mp.pipeline.loss import LossSlot
+from lightning_mp.pipeline.shapes import NotDerivable, follow_input_shape, forget_given_shapes
 from lightning_mp.pipeline.split import (
     block_list,
     block_ranges,
@@ -115,6 +117,10 @@ class PipelineRuntime:
         self._shapes: dict[str, tuple] = {}
         self._eval_schedule: Any = None
         self.tied: Optional[TiedAcrossStages] = None  # parameters tied across the first and last stage
+        self._eval_stages: list[PipelineStage] = []
+        # Set when the stages have no data-parallel peers: torch's own shape re-inference (a real forward and
+        # backward) is then safe as a fallback for activations whose shapes cannot be derived.
+        self.may_reinfer_shapes = False
 
     # ------------------------------------------------------------ properties
     @property
@@ -160,17 +166,49 @@ class PipelineRuntime:
                     " microbatch must have the same shape."
                 )
         names = [name] * len(args) + list(kwargs)
-        self._reset_if_shapes_changed(mode, tuple((k, tuple(t.shape), t.dtype) for k, t in zip(names, tensors)))
+        self._follow_shapes(mode, tuple((k, tuple(t.shape), t.dtype) for k, t in zip(names, tensors)))
         return args, kwargs
 
-    def _reset_if_shapes_changed(self, mode: str, shapes: tuple) -> None:
-        # torch infers the shapes sent between stages once, from the first microbatch it sees. All pipeline
-        # ranks read the same batch, so they all notice a new shape (e.g. another sequence length) and
-        # redo the inference together.
+    def _reshard(self) -> None:
+        """Every FSDP unit of this rank's stages resharded before a step, whatever happened before.
+
+        Re-initializing a stage for new shapes reshards its FSDP units (torch's clean-up after shape
+        inference), but only on the rank whose batch changed shape; a unit kept gathered between steps (the
+        last block, and every unit after a forward-only step) would then be all-gathered on that rank and not
+        on its data-parallel peer: their collectives stop lining up. Resharding is local (no collective) and
+        is what a training step ends with anyway; in evaluation it costs one all-gather of the last block.
+        """
+        for stage_module in self.stage_modules:
+            for module in stage_module.modules():
+                if isinstance(module, FSDPModule):
+                    module.reshard()
+
+    def _follow_shapes(self, mode: str, signature: tuple) -> None:
+        """Prepare the schedule of ``mode`` for a batch whose tensors have a new shape.
+
+        torch infers the shapes sent between stages once, from the first microbatch, with a real forward and
+        backward that runs FSDP's collectives; after that, a new shape here gets metadata derived from the
+        previous one (see ``shapes.py``), so that no rank re-infers alone while its data-parallel peers, whose
+        batches may have kept their shape, wait in a different collective.
+        """
         previous = self._shapes.get(mode)
-        if previous is not None and shapes != previous:
-            reset_shape_inference(self.schedule if mode == "train" else self._eval_schedule)
-        self._shapes[mode] = shapes
+        self._shapes[mode] = signature
+        if previous is None or signature == previous:
+            return
+        stages = self.stages if mode == "train" else self._eval_stages
+        old, new = _microbatch_shape(previous, self.microbatches), _microbatch_shape(signature, self.microbatches)
+        try:
+            follow_input_shape(stages, old, new)
+        except NotDerivable as reason:
+            if not self.may_reinfer_shapes:
+                raise ValueError(
+                    f"pipeline with data parallelism: the batch's shape changed from {old} to {new} (per microbatch),"
+                    f" but the tensors sent between stages cannot follow it: {reason}. torch's shape re-inference"
+                    " would run on this rank alone and desynchronize the data-parallel ranks; pad every batch to"
+                    " one fixed shape."
+                ) from None
+            forget_given_shapes(stages)
+        reset_shape_inference(self.schedule if mode == "train" else self._eval_schedule)
 
     def run(self, inputs: Mapping[str, Any], target: Optional[Tensor], loss_fn: Any,
             loss_kwargs: Optional[dict[str, Any]] = None, losses: Optional[list] = None) -> None:
@@ -181,6 +219,7 @@ class PipelineRuntime:
         ``inputs`` are the model inputs of the whole local batch, the same on every pipeline rank (only
         the first stage uses ``input_name``); ``target`` is split into microbatches like the inputs.
         """
+        self._reshard()
         args, kwargs = self._arguments(inputs, "train")
         self._loss_slot.fn = loss_fn
         try:
@@ -195,6 +234,7 @@ class PipelineRuntime:
         backward action and no gradient reduction, and leaves the training schedule's state alone."""
         if self._eval_schedule is None:
             self._eval_schedule = self._build_eval_schedule()
+        self._reshard()
         args, kwargs = self._arguments(inputs, "eval")
         output = self._eval_schedule.step(*args, **kwargs)
         return output if self.is_last else None
@@ -204,14 +244,46 @@ class PipelineRuntime:
         # gradients once, instead of torch re-inferring the training stages at every train/eval switch.
         stages = [PipelineStage(module, stage.stage_index, stage.num_stages, self.device, group=self.group)
                   for module, stage in zip(self.stage_modules, self.stages)]
+        self._eval_stages = stages
         if self.schedule_name not in MULTI_STAGE_SCHEDULES:
-            return ScheduleForwardOnly(stages[0], self.microbatches)
+            schedule = ScheduleForwardOnly(stages[0], self.microbatches)
+            _keep_gradients_through_initialization(schedule, self.shell)
+            return schedule
         # torch's multi-stage runtime would still run the backward actions as no-ops in eval(), which fails
         # for stages adjacent on one rank (ZB-V) and reduces FSDP gradients. Keep the forward actions and
         # their sends/receives, in the schedule's own order.
         schedule = SCHEDULE_CLASSES[self.schedule_name](stages, n_microbatches=self.microbatches, loss_fn=None)
         schedule.pipeline_order_with_comms = _forward_only(schedule.pipeline_order_with_comms)
+        _keep_gradients_through_initialization(schedule, self.shell)
         return schedule
+
+
+def _keep_gradients_through_initialization(schedule: Any, shell: nn.Module) -> None:
+    """torch clears ``.grad`` of every FSDP parameter after (re)initializing a stage (first step, new shapes,
+    the evaluation schedule's first batch): gradients accumulated earlier in an accumulation window would be
+    lost. Move them aside for the initialization (so that a shape inference's backward cannot add to them
+    either) and put them back: references only, nothing is copied."""
+
+    def keeping(initialize: Any) -> Any:
+        def kept(*args: Any, **kwargs: Any) -> Any:
+            saved = [(p, p.grad) for p in shell.parameters()]
+            for parameter, _ in saved:
+                parameter.grad = None
+            try:
+                return initialize(*args, **kwargs)
+            finally:
+                for parameter, grad in saved:
+                    parameter.grad = grad
+
+        return kept
+
+    wrap_shape_inference(schedule, keeping)
+
+
+def _microbatch_shape(signature: tuple, microbatches: int) -> tuple[int, ...]:
+    """The shape of the first stage's input per microbatch, from a batch signature ((name, shape, dtype), ...)."""
+    shape = signature[0][1]
+    return (shape[0] // microbatches, *shape[1:])
 
 
 _FORWARD_ACTIONS = frozenset({"F", "SEND_F", "RECV_F", "UNSHARD", "RESHARD"})
@@ -286,6 +358,7 @@ def build_pipeline(
     target = stages if schedule_name in MULTI_STAGE_SCHEDULES else stages[0]
     schedule = schedule_cls(target, n_microbatches=microbatches, loss_fn=slot, scale_grads=False)
     slot.watch(schedule)
+    _keep_gradients_through_initialization(schedule, shell)
     runtime = PipelineRuntime(shell, stage_modules, stages, schedule, pp_mesh, schedule_name, pipeline, device, points,
                               microbatches, slot)
     runtime.tied = tied

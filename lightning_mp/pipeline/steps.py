@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -64,12 +64,14 @@ class PipelineLoop:
         return self._group_ranks[self.runtime.last_rank]
 
     # ------------------------------------------------------------ training
-    def training_step(self, module: Any, batch: Mapping[str, Any], step_args: tuple, loss_scale: float) -> Tensor:
+    def training_step(self, module: Any, batch: Mapping[str, Any], step_args: tuple, loss_scale: Union[float, Tensor],
+                      zeroed_next: bool = True) -> Tensor:
         """Forward and backward of the local batch; returns the batch loss (detached) on every rank.
 
         ``loss_scale`` multiplies every microbatch loss before backward (data-parallel token weighting and
         Lightning's division by ``accumulate_grad_batches``), not the returned value. ``step_args`` are the
-        hook's arguments after the batch (``batch_idx``).
+        hook's arguments after the batch (``batch_idx``). ``zeroed_next``: Lightning zeroes the gradients
+        after this step returns (the first batch of an accumulation window).
         """
         self._sync_training_flags()
         batch = self._check_batch(batch)
@@ -93,19 +95,22 @@ class PipelineLoop:
                     f" 'loss'); it returned {type(step_output).__name__}."
                 )
             records.append((loss.detach().float() * weight, logged, weight))
-            return loss * (weight * loss_scale)
+            scale = weight * loss_scale
+            return loss * (scale.to(loss.dtype) if isinstance(scale, Tensor) else scale)
 
         target = torch.arange(padded_size, device=self.runtime.device)
-        # Lightning zeroes gradients between training_step and backward (on the first batch of an accumulation
-        # window); the schedule's gradients are therefore set aside here and added in backward.
-        parameters = [p for p in self.runtime.shell.parameters() if p.requires_grad]
-        earlier = [p.grad for p in parameters]
+        # One set of gradient memory, as without a pipeline. Inside a window the schedule accumulates straight into
+        # .grad. On its first batch Lightning zeroes gradients between training_step and backward: the previous
+        # window's (stale) gradients are dropped before the schedule runs, and the new ones are moved aside for
+        # zero_grad and handed back in backward (references moved, nothing copied).
+        self._pending = []
+        parameters = [p for p in self.runtime.shell.parameters() if p.requires_grad] if zeroed_next else []
         for p in parameters:
             p.grad = None
         self.runtime.run(self._model_inputs(padded, padded_size), target, microbatch_loss)
         self._pending = [(p, p.grad) for p in parameters]
-        for p, grad in zip(parameters, earlier):
-            p.grad = grad
+        for p in parameters:
+            p.grad = None
         summary = None
         if self.runtime.is_last:
             batch_loss = torch.stack([r[0] for r in records]).sum().item() if records else 0.0
@@ -133,7 +138,10 @@ class PipelineLoop:
         labels = batch.get(self.labels_key) if self.token_weighted else None
         if not isinstance(labels, Tensor) or labels.shape[0] != size:
             return [1.0 / m] * m
-        counts = [labelled_tokens(chunk, self.ignore_index, self.shifted_labels).item() for chunk in labels.chunk(m)]
+        # One device-to-host copy for all microbatches: the host needs the counts (a microbatch without labels is
+        # not run through the user's loss, whose mean would be 0/0).
+        counts = torch.stack([labelled_tokens(chunk, self.ignore_index, self.shifted_labels)
+                              for chunk in labels.chunk(m)]).tolist()
         total = sum(counts)
         return [c / total for c in counts] if total else [1.0 / m] * m
 

@@ -21,11 +21,20 @@ from tiny_bert import TinyBertModule, loader  # noqa: E402
 
 
 class RecordLoss(Callback):
-    def __init__(self) -> None:
+    def __init__(self, grad_norms: bool = False) -> None:
         self.losses: list[float] = []
+        self.grad_norms: list[float] = []
+        self.record_grad_norms = grad_norms
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.losses.append(float(trainer.callback_metrics["train_loss"]))
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        # After the GradScaler unscaled the gradients, before clipping: the global norm over every shard.
+        if self.record_grad_norms:
+            from lightning_mp.parallel.grad_norm import total_grad_norm
+
+            self.grad_norms.append(float(total_grad_norm([p for p in pl_module.parameters()])))
 
 
 def main() -> None:
@@ -38,7 +47,8 @@ def main() -> None:
     parser.add_argument("--layout", default="{}", help="JSON kwargs for ModelParallelStrategy")
     parser.add_argument("--strategy-name", default=None,
                         help="Trainer(strategy=NAME) from Lightning's registry after `import lightning_mp` (no --layout)")
-    parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--precision", default="32-true",
+                        help="16-mixed is forced (GradScaler plugin): on CPU the Trainer would turn it into bf16-mixed")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=16, help="global batch size")
     parser.add_argument("--accumulate", type=int, default=1)
@@ -52,6 +62,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-2, help="with --family")
     parser.add_argument("--fixed-width", action="store_true", help="with --family: pad every batch to full length")
     parser.add_argument("--config", default="{}", help="with --family: JSON config overrides")
+    parser.add_argument("--grad-norms", action="store_true", help="record the global gradient norm before each step")
+    parser.add_argument("--variable-width", action="store_true",
+                        help="batches padded to their own longest row; only data-parallel rank 1's width changes")
     args = parser.parse_args()
 
     L.seed_everything(0, verbose=False)
@@ -74,7 +87,8 @@ def main() -> None:
         world = args.devices * args.num_nodes
         model_size = layout.get("tensor_parallel_size", 1) * layout.get("pipeline_parallel_size", 1)
         data_size = layout.get("data_parallel_size", world // model_size)
-    make_loader = partial(loader, all_labelled=args.all_labelled)
+    make_loader = partial(loader, all_labelled=args.all_labelled, variable_width=args.variable_width,
+                          global_batch_size=args.batch_size)
     if args.family is not None:
         import tiny_hf
 
@@ -85,20 +99,30 @@ def main() -> None:
         from dropin_module import DropInModule as Module
     else:
         Module = partial(TinyBertModule, layers=args.layers)
-    recorder = RecordLoss()
+    recorder = RecordLoss(grad_norms=args.grad_norms)
+    precision: dict = {"precision": args.precision}
+    if args.precision == "16-mixed":  # the plugin a GPU run gets: fp16 autocast and a GradScaler
+        from lightning.pytorch.plugins.precision import MixedPrecision
+
+        precision = {"plugins": [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))]}
     trainer = L.Trainer(
         accelerator="cpu", devices=args.devices, num_nodes=args.num_nodes, strategy=strategy,
-        precision=args.precision, max_steps=args.steps, accumulate_grad_batches=args.accumulate,
+        **precision, max_steps=args.steps, accumulate_grad_batches=args.accumulate,
         gradient_clip_val=args.clip, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, callbacks=[recorder], num_sanity_val_steps=0,
     )
     module = Module()
     single = args.strategy == "none"
     trainer.fit(module, make_loader(args.batch_size // data_size, single_process=single))
-    result = {"losses": recorder.losses}
+    result = {"losses": recorder.losses, "grad_norms": recorder.grad_norms}
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    result["grad_scale"] = scaler.get_scale() if scaler is not None else None
     if args.validate:
         # In order (no sampler shuffling) in every layout; 22 rows: the last batch is not a multiple of the microbatches.
-        val_loader = make_loader(args.batch_size // data_size, size=22)
+        # With --variable-width, 38 rows: two full batches per rank in which only rank 1's width changes (a
+        # shape change on one data-parallel peer alone), then a padded last batch.
+        in_order = {} if args.family is not None else {"shuffled": False}
+        val_loader = make_loader(args.batch_size // data_size, size=38 if args.variable_width else 22, **in_order)
         result["validation"] = {k: float(v) for k, v in trainer.validate(module, val_loader, verbose=False)[0].items()}
     if args.strategy == "lightning_mp":
         from lightning_mp.checkpoint.state import model_state
