@@ -120,8 +120,7 @@ def run_sft(cfg: DictConfig, original_cwd: Path, run_dir: Path) -> dict[str, flo
     trainer.fit(module, datamodule=datamodule)
     after = trainer.validate(module, datamodule=datamodule, verbose=False,
                              ckpt_path="best" if checkpoint.best_model_path else None)[0]["val_perplexity"]
-    export_dir = export_hf_model(module, "model", run_dir / cfg.export_dir, tokenizer=tokenizer,
-                                 pipeline_group=trainer.strategy.pipeline_group)
+    export_dir = export_hf_model(module, "model", run_dir / cfg.export_dir, tokenizer=tokenizer)
     result = {"perplexity_before": before, "perplexity_after": after}
     if trainer.is_global_zero:
         answers_after = _generate(export_dir, prompts, int(g.max_new_tokens)) if prompts else []
