@@ -103,3 +103,22 @@ def test_causal_lm_validation_under_pipeline_and_data_parallelism(tmp_path, refe
     result, reference = run_worker(tmp_path, devices=4, layout=layout, extra=extra), reference_runs(*extra)
     assert_matches(result, reference)
     assert result["validation"]["val_loss"] == pytest.approx(reference["validation"]["val_loss"], abs=FP32_TOLERANCE)
+
+
+@pytest.mark.slow
+def test_validate_then_fit_under_pipeline_and_data_parallelism_trains_the_sharded_parameters(tmp_path):
+    """A forward-only pipeline step must leave every FSDP unit resharded: otherwise configure_optimizers after
+    trainer.validate holds gathered copies (never trained, and saving the optimizer fails with a KeyError)."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import WORKERS, clean_env
+
+    out = tmp_path / "result.json"
+    proc = subprocess.run([sys.executable, str(WORKERS / "validate_then_fit.py"), str(out)], capture_output=True,
+                          text=True, timeout=600, env=clean_env(), cwd=tmp_path)
+    assert proc.returncode == 0 and out.exists(), proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    assert result["foreign_optimizer_parameters"] == [0, 0, 0, 0]
+    assert result["saved_entries"] > 0 and result["optimizer_entries"] > 0

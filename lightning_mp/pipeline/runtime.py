@@ -236,7 +236,13 @@ class PipelineRuntime:
             self._eval_schedule = self._build_eval_schedule()
         self._reshard()
         args, kwargs = self._arguments(inputs, "eval")
-        output = self._eval_schedule.step(*args, **kwargs)
+        try:
+            output = self._eval_schedule.step(*args, **kwargs)
+        finally:
+            # A forward-only step leaves units gathered (the last block is kept for a backward that never
+            # comes). Resharded here, so that what runs next sees the sharded parameters the optimizer holds:
+            # a checkpoint saved after validation, or configure_optimizers after trainer.validate.
+            self._reshard()
         return output if self.is_last else None
 
     def _build_eval_schedule(self) -> Any:
