@@ -37,10 +37,10 @@ def test_cp_copies_the_recipe_config_tree_and_never_overwrites_silently(tmp_path
     cli.main(["cp", "ner_bert", str(tmp_path / "my_conf")])
     copied = {str(p.relative_to(tmp_path / "my_conf")) for p in (tmp_path / "my_conf").rglob("*.yaml")}
     shipped = {str(p.relative_to(ROOT / "conf")) for p in (ROOT / "conf").rglob("*.yaml")}
-    assert copied == shipped - {"plan.yaml"}  # another recipe's primary config is not copied
+    assert copied == shipped - {"plan.yaml", "sft_llm.yaml"}  # other recipes' primary configs are not copied
     assert (tmp_path / "my_conf" / "ner_bert.yaml").read_text() == (ROOT / "conf" / "ner_bert.yaml").read_text()
     assert f"lightning-mp run ner_bert --config-path {tmp_path / 'my_conf'}" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match=r"13 of the 13 files exist already \(first: .*ner_bert.yaml\); pass"
+    with pytest.raises(SystemExit, match=r"18 of the 18 files exist already \(first: .*ner_bert.yaml\); pass"
                                          r" --overwrite"):
         cli.main(["cp", "ner_bert", str(tmp_path / "my_conf")])
     cli.main(["cp", "ner_bert", str(tmp_path / "my_conf"), "--overwrite"])
@@ -50,8 +50,8 @@ def test_cp_copies_the_recipe_config_tree_and_never_overwrites_silently(tmp_path
 
 @pytest.mark.parametrize("command", [["run", "ner_bertt"], ["cp", "nope", "x"]])
 def test_unknown_recipe_lists_the_valid_ones(command):
-    with pytest.raises(SystemExit, match=r"unknown recipe '(ner_bertt|nope)'; valid recipes: ner_bert, ner_predict,"
-                                         r" plan\."):
+    with pytest.raises(SystemExit, match=r"unknown recipe '(ner_bertt|nope)'; valid recipes: llm_generate, ner_bert,"
+                                         r" ner_predict, plan, sft_llm\."):
         cli.main(command)
 
 
