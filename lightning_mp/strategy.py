@@ -20,7 +20,6 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
-from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh
 from torch.optim import Optimizer
 
@@ -31,9 +30,9 @@ from lightning_mp._compat import (
     materialize_distributed_module,
     optimizers_to_device,
     set_module_device_mesh,
-    sync_ddp_if_available,
 )
 from lightning_mp.checkpoint.hooks import CheckpointHooks
+from lightning_mp.parallel.step_hooks import StepHooks
 from lightning_mp.checkpoint.pretrained import load_pending, meta_outside, pending_sources
 from lightning_mp.config import MeshShape, ParallelConfig, check_precision, progress_timeout_seconds
 from lightning_mp.processes.watch import FailureWatch
@@ -42,13 +41,13 @@ from lightning_mp.mesh import build_device_mesh
 from lightning_mp.parallel.fsdp import is_parallelized
 from lightning_mp.parallel.grad_norm import clip_grad_norm_
 from lightning_mp.parallel.apply import PlannedModel, parallelize, resolve_plan, sync_metrics_over
-from lightning_mp.pipeline.steps import PipelineLoop, split_step_arguments
+from lightning_mp.pipeline.steps import PipelineLoop
 from lightning_mp.planner import AutoLayout
 from lightning_mp.processes.launch import CheckModelThenLaunch, destroy_process_group_at_exit
 from lightning_mp.plans import ModelPlan, Style
 from lightning_mp.checkpoint.resume import ResumableLoader
 
-class ModelParallelStrategy(CheckpointHooks, ParallelStrategy):
+class ModelParallelStrategy(CheckpointHooks, StepHooks, ParallelStrategy):
     """FSDP2 × tensor parallel (× pipeline) for ordinary LightningModules.
 
     Args:
@@ -335,88 +334,6 @@ class ModelParallelStrategy(CheckpointHooks, ParallelStrategy):
         # Meta tensors are materialized after sharding, in setup().
         with torch.device("meta") if empty_init else nullcontext(), self.precision_plugin.tensor_init_context():
             yield
-
-    # ---------------------------------------------------------------- steps, backward, reductions
-    def training_step(self, *args: Any, **kwargs: Any) -> Any:
-        return self._step("training_step", self.precision_plugin.train_step_context, args, kwargs)
-
-    def validation_step(self, *args: Any, **kwargs: Any) -> Any:
-        return self._step("validation_step", self.precision_plugin.val_step_context, args, kwargs)
-
-    def test_step(self, *args: Any, **kwargs: Any) -> Any:
-        return self._step("test_step", self.precision_plugin.test_step_context, args, kwargs)
-
-    def predict_step(self, *args: Any, **kwargs: Any) -> Any:
-        if self._pipeline is None:
-            with self._failure_watch.step():
-                return super().predict_step(*args, **kwargs)
-        return self._step("predict_step", self.precision_plugin.predict_step_context, args, kwargs)
-
-    def _step(self, hook: str, context: Any, args: tuple, kwargs: dict) -> Any:
-        with self._failure_watch.step():  # the progress watch: starting and finishing a step count as progress
-            return self._run_step(hook, context, args, kwargs)
-
-    def _run_step(self, hook: str, context: Any, args: tuple, kwargs: dict) -> Any:
-        if self._pipeline is None:
-            return self._weighted_step(getattr(super(), hook), *args, **kwargs)
-        module = self.lightning_module
-        args, kwargs = self.precision_plugin.convert_input((args, kwargs))
-        batch, rest = split_step_arguments(args, kwargs)
-        self._observe(batch)
-        with context(), self._token_weighting.reducing_logged_values(module):
-            if hook != "training_step":
-                return self._pipeline.evaluation_step(module, getattr(module, hook), batch, *rest)
-            # The schedule runs backward itself, so it applies what Lightning's backward would: the
-            # data-parallel token weight and the division by accumulate_grad_batches.
-            accumulate = module.trainer.accumulate_grad_batches
-            first_in_window = not rest or rest[0] % accumulate == 0  # Lightning's rule for calling zero_grad
-            return self._pipeline.training_step(module, batch, rest, self._token_weighting.loss_scale / accumulate,
-                                                zeroed_next=first_in_window)
-
-    def _observe(self, batch: Any) -> None:
-        data_mesh = self._data_mesh
-        self._token_weighting.observe(batch, data_mesh.get_group(), data_mesh.size())
-
-    def _weighted_step(self, step: Any, *args: Any, **kwargs: Any) -> Any:
-        self._observe(args[0] if args else kwargs.get("batch"))
-        with self._token_weighting.reducing_logged_values(self.lightning_module):
-            return step(*args, **kwargs)
-
-    @property
-    def _tied(self) -> Optional[Any]:
-        """Parameters tied across the first and last pipeline stage, if any."""
-        tied = self._pipeline.runtime.tied if self._pipeline is not None else None
-        return tied if tied is not None and tied.parameters else None
-
-    def optimizer_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
-        tied = self._tied
-        if tied is None:
-            return super().optimizer_step(optimizer, closure, model, **kwargs)
-
-        def closure_then_sum_tied() -> Any:
-            # After the window's last backward, before clipping and the step: the copies get one gradient.
-            result = closure()
-            tied.sync_gradients()
-            return result
-
-        return super().optimizer_step(optimizer, closure_then_sum_tied, model, **kwargs)
-
-    def backward(self, closure_loss: Tensor, optimizer: Optional[Optimizer], *args: Any, **kwargs: Any) -> Tensor:
-        if self._pipeline is not None:
-            # The schedule already ran backward for every microbatch; keep Lightning's hooks around it.
-            assert self.lightning_module is not None
-            closure_loss = self.precision_plugin.pre_backward(closure_loss, self.lightning_module)
-            self._pipeline.hand_over_gradients()
-            return self.precision_plugin.post_backward(closure_loss, self.lightning_module)
-        closure_loss = self._token_weighting.scale(closure_loss)
-        return super().backward(closure_loss, optimizer, *args, **kwargs)
-
-    def reduce(self, tensor: Any, group: Optional[Any] = None, reduce_op: Optional[Any] = "mean") -> Any:
-        if not isinstance(tensor, Tensor):
-            return tensor
-        if self._token_weighting.applies_to(reduce_op, group):
-            return self._token_weighting.weighted_mean(tensor)
-        return sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
 
     def barrier(self, name: Optional[str] = None) -> None:
         if not distributed_is_initialized():
