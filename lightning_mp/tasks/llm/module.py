@@ -14,6 +14,8 @@ import lightning as L
 import torch
 from torchmetrics import MeanMetric
 
+from lightning_mp.parallel.token_weighting import labelled_tokens
+
 
 def prepare_gguf(gguf: Path, target: Path) -> Path:
     """A Hugging Face directory (safetensors, config, tokenizer) made once from a GGUF file.
@@ -89,7 +91,7 @@ class CausalLM(L.LightningModule):
         # Perplexity is exp of the mean over every held-out reply token, so each batch's mean loss is
         # weighted by its predicted tokens (labels shift inside the model: position 0 predicts nothing).
         # A batch without reply tokens has a NaN mean (0/0) and weight 0: it must add nothing.
-        tokens = (batch["labels"][:, 1:] != -100).sum()
+        tokens = labelled_tokens(batch["labels"], -100, shifted=True)
         self.val_nll.update(torch.nan_to_num(loss.detach().float()), weight=tokens)
 
     def on_validation_epoch_end(self) -> None:
