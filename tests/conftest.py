@@ -50,3 +50,26 @@ def reference_runs(tmp_path_factory):
         return cache[extra]
 
     return get
+
+
+@pytest.fixture
+def in_process_run(monkeypatch):
+    """An in-process Trainer leaves a process group and launcher variables behind; remove both."""
+    for name in LAUNCH_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+@pytest.fixture
+def no_child_processes(monkeypatch):
+    """If validation ever let a bad layout through, fail instead of forking pytest."""
+    from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+
+    def refuse(self):
+        raise AssertionError("child processes were launched before validation failed")
+
+    monkeypatch.setattr(_SubprocessScriptLauncher, "_call_children_scripts", refuse)
+    yield
+    assert not torch.distributed.is_initialized(), "a process group was created"

@@ -5,24 +5,13 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-import torch.distributed as dist
-from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from torch import nn
 from workers.tiny_bert import TinyBertModule
 
 from lightning_mp import ModelParallelStrategy, ParallelConfig
 
 
-@pytest.fixture(autouse=True)
-def no_child_processes(monkeypatch):
-    """If validation ever let a bad layout through, fail instead of forking pytest."""
-
-    def refuse(self):
-        raise AssertionError("child processes were launched before validation failed")
-
-    monkeypatch.setattr(_SubprocessScriptLauncher, "_call_children_scripts", refuse)
-    yield
-    assert not dist.is_initialized(), "a process group was created"
+pytestmark = pytest.mark.usefixtures("no_child_processes")  # tests/conftest.py
 
 
 def trainer(devices: int, **strategy_kwargs) -> L.Trainer:

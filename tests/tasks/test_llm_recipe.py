@@ -9,8 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import LAUNCH_VARIABLES, clean_env
+from conftest import clean_env
 from hydra import compose, initialize_config_dir
 from llm_tiny import tiny_llama_dir
 
@@ -26,15 +25,6 @@ SMALL = ["trainer.limit_train_batches=3", "data.max_train_examples=48", "trainer
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
     return tiny_llama_dir(tmp_path_factory.mktemp("tiny-llama"), heads=6, kv_heads=3)
-
-
-@pytest.fixture
-def in_process_run(monkeypatch):
-    for name in LAUNCH_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
-    yield
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
 
 
 def compose_config(overrides: list[str]):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import LAUNCH_VARIABLES, clean_env
+from conftest import clean_env
 from hydra import compose, initialize_config_dir
 
 from lightning_mp.tasks.ner.recipe import check_config, run_ner
@@ -16,16 +16,6 @@ from lightning_mp.tasks.ner.recipe import check_config, run_ner
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = ["model=bert-tiny", "trainer.max_epochs=1", "trainer.limit_train_batches=4", "trainer.limit_val_batches=2",
          "trainer.batch_size=16", "data.max_length=48", "trainer.learning_rate=1e-3", "trainer.log_every_n_steps=1"]
-
-
-@pytest.fixture
-def in_process_run(monkeypatch):
-    """An in-process Trainer leaves a process group and launcher variables behind; remove both."""
-    for name in LAUNCH_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
-    yield
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
 
 
 def compose_config(overrides: list[str]):
