@@ -9,6 +9,7 @@ and ``device_mesh["tensor_parallel"]``.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from lightning_mp._compat import flatten_mesh
@@ -40,3 +41,18 @@ def fsdp_mesh(mesh: DeviceMesh) -> DeviceMesh:
     if mesh[DATA_REPLICATE].size() == 1:
         return mesh[DATA_SHARD]
     return mesh[(DATA_REPLICATE, DATA_SHARD)]
+
+
+def host_group(mesh: DeviceMesh, dim: str) -> dist.ProcessGroup:
+    """The ranks of ``mesh[dim]`` over a group whose collectives take host tensors: for small control
+    messages (names, shapes, flags) that must not wait for the device. On a CPU mesh that is the dimension's
+    own group; on an accelerator one gloo group per set of peers is created, every rank taking part in
+    creating all of them (``new_subgroups_by_enumeration`` is collective over the world)."""
+    group = mesh[dim].get_group()
+    if mesh.device_type == "cpu":
+        return group
+    layout = mesh.mesh
+    axis = mesh.mesh_dim_names.index(dim)
+    peers = layout.movedim(axis, -1).reshape(-1, layout.shape[axis]).tolist()
+    mine, _ = dist.new_subgroups_by_enumeration(peers, backend="gloo")
+    return mine

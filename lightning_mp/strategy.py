@@ -37,7 +37,7 @@ from lightning_mp.checkpoint.pretrained import load_pending, meta_outside, pendi
 from lightning_mp.config import MeshShape, ParallelConfig, check_precision, progress_timeout_seconds
 from lightning_mp.processes.watch import FailureWatch
 from lightning_mp.parallel.token_weighting import TokenWeighting
-from lightning_mp.mesh import build_device_mesh
+from lightning_mp.mesh import PIPELINE, build_device_mesh, host_group
 from lightning_mp.parallel.fsdp import is_parallelized
 from lightning_mp.parallel.grad_norm import clip_grad_norm_
 from lightning_mp.parallel.apply import PlannedModel, parallelize, resolve_plan, sync_metrics_over
@@ -270,7 +270,8 @@ class ModelParallelStrategy(CheckpointHooks, StepHooks, ParallelStrategy):
         runtime = parallelize(module, planned, self.device_mesh, self.mesh_shape.data,
                               self.parallel_config, self._precision, self.root_device, self._split_points)
         if runtime is not None:
-            self._pipeline = PipelineLoop(runtime, tw.labels_key, tw.ignore_index, tw.enabled, tw.shifted_labels)
+            self._pipeline = PipelineLoop(runtime, tw.labels_key, tw.ignore_index, tw.enabled, tw.shifted_labels,
+                                          host_group(self.device_mesh, PIPELINE))
 
     @property
     def pipeline_group(self) -> Optional[Any]:

@@ -25,6 +25,7 @@ def loop(microbatches: int, token_weighted: bool = True, shifted_labels: bool = 
     instance.runtime = SimpleNamespace(microbatches=microbatches)
     instance.labels_key, instance.ignore_index, instance.token_weighted = "labels", -100, token_weighted
     instance.shifted_labels = shifted_labels
+    instance.host_counts = None
     return instance
 
 
@@ -64,6 +65,27 @@ def test_microbatch_weights_are_token_shares():
     assert loop(4)._microbatch_weights({"input_ids": labels}, 4) == [0.25] * 4
 
 
+def test_microbatch_weights_counted_on_the_host_before_transfer_equal_the_device_count():
+    # 5 rows in 4 microbatches: padded to 8, two rows each; the padding rows (no labels) weigh nothing.
+    labels = torch.full((5, 3), -100)
+    labels[0, :2] = 1
+    labels[2, 0] = 1
+    labels[4, :] = 1
+    padded, size = loop(4)._pad({"input_ids": labels.clone(), "labels": labels}, 5, training=True)
+    device_count = loop(4)._microbatch_weights(padded, size)
+    assert device_count == [2 / 6, 1 / 6, 3 / 6, 0.0]
+    counted = loop(4)
+    counted.count_on_host({"input_ids": labels, "labels": labels})
+    assert counted.host_counts == (5, [2, 1, 3, 0])
+    labels_elsewhere = labels.clone()
+    labels_elsewhere[:] = -100  # the step reads the host count, not the (here changed) labels it is handed
+    assert counted._microbatch_weights({"labels": labels_elsewhere}, 5) == device_count
+    assert counted.host_counts is None  # used once
+    # A count of a batch of another size is not used for this one.
+    counted.count_on_host({"labels": labels[:4]})
+    assert counted._microbatch_weights({"labels": labels}, 5) == device_count
+
+
 def test_microbatch_weights_of_a_causal_lm_count_shifted_labels():
     # A causal LM never predicts the first label of a row: rows with 3 and 1 labels give 2 and 0 targets.
     labels = torch.tensor([[5, 6, 7, -100], [5, -100, -100, -100]])
@@ -86,9 +108,12 @@ def test_last_batch_is_padded_with_ignored_labels_or_rejected_without_them():
 
 def test_logged_values_combine_with_the_microbatch_weights():
     records = [
-        (torch.tensor(0.0), {"train_loss": (2.0, {"prog_bar": True, "batch_size": 2}), "lr": (0.1, {})}, 0.75),
-        (torch.tensor(0.0), {"train_loss": (4.0, {"prog_bar": True, "batch_size": 2}), "lr": (0.1, {})}, 0.25),
+        (torch.tensor(0.0), {"train_loss": (torch.tensor(2.0), {"prog_bar": True, "batch_size": 2}),
+                             "lr": (torch.tensor(0.1), {})}, 0.75),
+        (torch.tensor(0.0), {"train_loss": (torch.tensor(4.0), {"prog_bar": True, "batch_size": 2}),
+                             "lr": (torch.tensor(0.1), {})}, 0.25),
     ]
     combined = _combine_logs(records, batch_size=4)
-    assert combined["train_loss"] == (pytest.approx(2.5), {"prog_bar": True, "batch_size": 4})
-    assert combined["lr"] == (pytest.approx(0.1), {})
+    assert float(combined["train_loss"][0]) == pytest.approx(2.5)
+    assert combined["train_loss"][1] == {"prog_bar": True, "batch_size": 4}
+    assert float(combined["lr"][0]) == pytest.approx(0.1) and combined["lr"][1] == {}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 from torch.optim import Optimizer
 
@@ -29,6 +30,13 @@ class StepHooks:
             with self._failure_watch.step():
                 return super().predict_step(*args, **kwargs)
         return self._step("predict_step", self.precision_plugin.predict_step_context, args, kwargs)
+
+    def batch_to_device(self, batch: Any, device: Any = None, dataloader_idx: int = 0) -> Any:
+        # The pipeline's microbatch weights are counted from the labels while they are still on the host, unless
+        # the module may change them after the transfer.
+        if self._pipeline is not None and not is_overridden("on_after_batch_transfer", self.lightning_module):
+            self._pipeline.count_on_host(batch)
+        return super().batch_to_device(batch, device, dataloader_idx)
 
     def _step(self, hook: str, context: Any, args: tuple, kwargs: dict) -> Any:
         with self._failure_watch.step():  # the progress watch: starting and finishing a step count as progress

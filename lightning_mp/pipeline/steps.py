@@ -8,7 +8,8 @@ pipeline computed for that microbatch, in the form its own ``forward`` returns
 returns is weighted by the microbatch's share of the labelled tokens and backpropagated by the schedule;
 Lightning's own backward is replaced by handing over those gradients (see ``hand_over_gradients``). ``self.log`` calls made inside are collected, combined over the
 microbatches with the same weights, sent to every pipeline rank and logged once on each, so reductions
-(``sync_dist``) stay collective and the logger sees one value per step.
+(``sync_dist``) stay collective and the logger sees one value per step (``relay.py``: one tensor
+broadcast per step, names only when they change; nothing in a step waits for the device).
 
 Evaluation (validation, test, predict): a forward-only schedule; the last stage's output goes to every
 pipeline rank, and the user's step runs once on the whole batch on every rank with the model answering
@@ -32,6 +33,7 @@ from torch import Tensor
 
 from lightning_mp._compat import tree_flatten, tree_unflatten
 from lightning_mp.parallel.token_weighting import labelled_tokens
+from lightning_mp.pipeline.relay import StepRelay
 from lightning_mp.pipeline.runtime import PipelineRuntime
 
 
@@ -39,7 +41,9 @@ class PipelineLoop:
     """Runs one LightningModule step through this rank's pipeline stages."""
 
     def __init__(self, runtime: PipelineRuntime, labels_key: str, ignore_index: int, token_weighted: bool,
-                 shifted_labels: bool = False) -> None:
+                 shifted_labels: bool = False, host_group: Optional[dist.ProcessGroup] = None) -> None:
+        """``host_group``: the pipeline ranks over a group that takes host tensors (``mesh.host_group``);
+        by default the pipeline group itself, which is right on a CPU mesh."""
         self.runtime = runtime
         self.labels_key = labels_key
         self.ignore_index = ignore_index
@@ -47,6 +51,9 @@ class PipelineLoop:
         self.shifted_labels = shifted_labels
         self._group_ranks = dist.get_process_group_ranks(runtime.group)
         self._pending: list[tuple[Tensor, Optional[Tensor]]] = []
+        self.host_counts: Optional[tuple[int, list[int]]] = None  # see count_on_host
+        self._relay = StepRelay(runtime.group, host_group or runtime.group, self._group_ranks[runtime.last_rank],
+                                runtime.is_last, runtime.device)
         runtime.shell.forward = _outside_steps
         shell_modules = dict(runtime.shell.named_modules())
         # Stage modules are views of the shell, but the containers on the path to the blocks are their own
@@ -77,9 +84,9 @@ class PipelineLoop:
         batch = self._check_batch(batch)
         size = _batch_size(batch, self.runtime.pipeline.input_name)
         padded, padded_size = self._pad(batch, size, training=True)
-        weights = self._microbatch_weights(padded, padded_size)
+        weights = self._microbatch_weights(batch, size)
         rows_per_microbatch = padded_size // self.runtime.microbatches
-        records: list[tuple[Tensor, dict[str, tuple[float, dict]], float]] = []
+        records: list[tuple[Tensor, dict[str, tuple[Tensor, dict]], float]] = []
 
         def microbatch_loss(output: Any, rows: Tensor) -> Tensor:
             weight = weights[int(rows[0]) // rows_per_microbatch]
@@ -111,14 +118,15 @@ class PipelineLoop:
         self._pending = [(p, p.grad) for p in parameters]
         for p in parameters:
             p.grad = None
-        summary = None
+        batch_loss, logs = None, None
         if self.runtime.is_last:
-            batch_loss = torch.stack([r[0] for r in records]).sum().item() if records else 0.0
-            summary = (batch_loss, _combine_logs(records, size))
-        batch_loss, logs = self._broadcast_object(summary)
+            batch_loss = (torch.stack([r[0] for r in records]).sum() if records
+                          else torch.zeros((), device=self.runtime.device))
+            logs = _combine_logs(records, size)
+        batch_loss, logs = self._relay.step_results(batch_loss, logs)
         for name, (value, kwargs) in logs.items():
-            module.log(name, torch.tensor(value, device=self.runtime.device), **kwargs)
-        return torch.tensor(batch_loss, device=self.runtime.device)
+            module.log(name, value, **kwargs)
+        return batch_loss
 
     def hand_over_gradients(self) -> None:
         """Add the last training step's gradients to ``.grad``, where Lightning's backward would have put them."""
@@ -131,17 +139,36 @@ class PipelineLoop:
                 parameter.grad += grad
         self._pending = []
 
+    def count_on_host(self, batch: Any) -> None:
+        """Called with the batch before it moves to the device: each microbatch's labelled tokens, counted
+        where the labels are, so that the step's weights need no device-to-host copy (which would wait for
+        all the device work queued before it, the previous optimizer step included)."""
+        self.host_counts = None
+        labels = batch.get(self.labels_key) if isinstance(batch, Mapping) and self.token_weighted else None
+        if isinstance(labels, Tensor) and labels.device.type == "cpu" and labels.dim() > 0:
+            self.host_counts = (int(labels.shape[0]), self._counts(labels))
+
+    def _counts(self, labels: Tensor) -> list[int]:
+        """Labelled tokens per microbatch of ``labels`` padded as ``_pad`` pads it (padding rows count 0)."""
+        m = self.runtime.microbatches
+        rows = -(-labels.shape[0] // m)
+        counts = torch.stack([labelled_tokens(chunk, self.ignore_index, self.shifted_labels)
+                              for chunk in labels.split(rows)]).tolist()
+        return counts + [0] * (m - len(counts))
+
     def _microbatch_weights(self, batch: Mapping[str, Any], size: int) -> list[float]:
         """Each microbatch's share of the batch loss: its labelled tokens / the batch's (token mean), or
-        1/m without labels (the mean of equal-sized microbatches)."""
+        1/m without labels (the mean of equal-sized microbatches). The host needs the counts: a microbatch
+        without labels is not run through the user's loss, whose mean would be 0/0."""
         m = self.runtime.microbatches
         labels = batch.get(self.labels_key) if self.token_weighted else None
+        host_counts, self.host_counts = self.host_counts, None
         if not isinstance(labels, Tensor) or labels.shape[0] != size:
             return [1.0 / m] * m
-        # One device-to-host copy for all microbatches: the host needs the counts (a microbatch without labels is
-        # not run through the user's loss, whose mean would be 0/0).
-        counts = torch.stack([labelled_tokens(chunk, self.ignore_index, self.shifted_labels)
-                              for chunk in labels.chunk(m)]).tolist()
+        if host_counts is not None and host_counts[0] == size:
+            counts = host_counts[1]
+        else:  # labels made on the device: one copy for all microbatches
+            counts = self._counts(labels)
         total = sum(counts)
         return [c / total for c in counts] if total else [1.0 / m] * m
 
@@ -153,7 +180,9 @@ class PipelineLoop:
         batch = self._check_batch(batch)
         size = _batch_size(batch, self.runtime.pipeline.input_name)
         padded, padded_size = self._pad(batch, size, training=False)
-        output = self._broadcast_tree(self.runtime.eval_step(self._model_inputs(padded, padded_size)))
+        output = self.runtime.eval_step(self._model_inputs(padded, padded_size))
+        if self.runtime.pp_mesh.size() > 1:
+            output = self._relay.tree(output)
         if padded_size != size:
             output = _cut_rows(output, size, padded_size)
         with self.answering(module, output, batch):
@@ -224,34 +253,6 @@ class PipelineLoop:
             padded[key] = torch.cat([value, filler])
         return padded, padded_size
 
-    # ------------------------------------------------------------ communication over the pipeline group
-    def _broadcast_object(self, obj: Any) -> Any:
-        holder = [obj]
-        dist.broadcast_object_list(holder, src=self._source, group=self.runtime.group, device=self.runtime.device)
-        return holder[0]
-
-    def _broadcast_tree(self, tree: Any) -> Any:
-        """The last stage's output (tensors, tuples, None) on every pipeline rank."""
-        if self.runtime.pp_mesh.size() == 1:
-            return tree
-        is_source = self.runtime.is_last
-        meta = None
-        if is_source:
-            leaves, spec = tree_flatten(tree)
-            meta = (spec, [(tuple(t.shape), t.dtype) if isinstance(t, Tensor) else t for t in leaves])
-        spec, described = self._broadcast_object(meta)
-        received = []
-        for index, item in enumerate(described):
-            if not isinstance(item, tuple) or len(item) != 2 or not isinstance(item[1], torch.dtype):
-                received.append(item)
-                continue
-            tensor = leaves[index].contiguous() if is_source else torch.empty(item[0], dtype=item[1],
-                                                                                device=self.runtime.device)
-            dist.broadcast(tensor, src=self._source, group=self.runtime.group)
-            received.append(tensor)
-        return tree_unflatten(received, spec)
-
-
 def _outside_steps(*args: Any, **kwargs: Any) -> Any:
     raise RuntimeError(
         "under pipeline parallelism this model holds only this rank's stages and runs inside the strategy's"
@@ -277,21 +278,24 @@ def _cut_rows(tree: Any, size: int, padded_size: int) -> Any:
 
 
 @contextmanager
-def _captured_logs(module: Any) -> Iterator[dict[str, tuple[float, dict]]]:
+def _captured_logs(module: Any) -> Iterator[dict[str, tuple[Tensor, dict]]]:
     """``module.log`` (and ``log_dict``, which calls it) record instead of logging while this is open."""
-    logged: dict[str, tuple[float, dict]] = {}
+    logged: dict[str, tuple[Tensor, dict]] = {}
+    device = next((p.device for p in module.parameters()), None)
 
     def record(name: str, value: Any, **kwargs: Any) -> None:
         if isinstance(value, Tensor):
             if value.numel() != 1:
                 raise ValueError(f"self.log({name!r}) needs a scalar under pipeline parallelism; got shape {tuple(value.shape)}.")
-            value = value.detach().float().item()
-        elif not isinstance(value, (int, float)):
+            value = value.detach().float().reshape(())
+        elif isinstance(value, (int, float)):
+            value = torch.tensor(float(value), device=device)
+        else:
             raise TypeError(
                 f"self.log({name!r}, <{type(value).__name__}>) in training_step under pipeline parallelism: log"
                 " numbers or scalar tensors there (update torchmetrics objects in validation/test steps)."
             )
-        logged[name] = (float(value), kwargs)
+        logged[name] = (value, kwargs)
 
     previous = module.__dict__.get("log")
     module.log = record  # an instance attribute shadows the method (and the strategy's own wrapper)
@@ -304,16 +308,16 @@ def _captured_logs(module: Any) -> Iterator[dict[str, tuple[float, dict]]]:
             module.log = previous
 
 
-def _combine_logs(records: list[tuple[Tensor, dict[str, tuple[float, dict]], float]],
-                  batch_size: int) -> dict[str, tuple[float, dict]]:
+def _combine_logs(records: list[tuple[Tensor, dict[str, tuple[Tensor, dict]], float]],
+                  batch_size: int) -> dict[str, tuple[Tensor, dict]]:
     """Per name, the microbatch values averaged with the microbatch weights (the token mean for a loss),
     with Lightning's ``batch_size`` set to the whole local batch."""
-    sums: dict[str, float] = {}
+    sums: dict[str, Tensor] = {}
     weights: dict[str, float] = {}
     kwargs_of: dict[str, dict] = {}
     for _, logged, weight in records:
         for name, (value, kwargs) in logged.items():
-            sums[name] = sums.get(name, 0.0) + value * weight
+            sums[name] = value * weight if name not in sums else sums[name] + value * weight
             weights[name] = weights.get(name, 0.0) + weight
             kwargs_of[name] = kwargs
     combined = {}
