@@ -15,8 +15,22 @@ DATA_PARALLEL_MODES = ("fully_sharded", "hybrid", "replicated")
 PIPELINE_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "interleaved_zero_bubble", "zbv_zero_bubble")
 # Schedules that hold more than one stage per rank ("virtual" stages).
 MULTI_STAGE_SCHEDULES = ("interleaved_1f1b", "interleaved_zero_bubble", "zbv_zero_bubble")
+CHECKPOINT_MODES = ("full", "selective")  # activation checkpointing, see parallel/activation_checkpointing.py
 
 Size = Union[int, Literal["auto"]]
+
+
+def checkpoint_mode(setting: bool | str) -> str | None:
+    """``ModelParallelStrategy(activation_checkpointing=...)`` as a mode: None, "full" or "selective"."""
+    if setting is False or setting is None:
+        return None
+    if setting is True:
+        return "full"
+    if setting in CHECKPOINT_MODES:
+        return setting
+    raise ValueError(
+        f"activation_checkpointing={setting!r} is not one of False, True (= 'full'), 'full', 'selective'."
+    )
 
 
 @dataclass(frozen=True)
@@ -90,7 +104,7 @@ class ParallelConfig:
     pipeline_parallel_size: int = 1
     data_parallel_mode: str = "fully_sharded"
     data_parallel_replicate_size: Size | None = None  # hybrid; "auto": one replica per node
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool | str = False  # True = "full"; or "selective"
     pipeline_schedule: str = "1f1b"
     microbatches: int | None = None
 
@@ -120,6 +134,12 @@ class ParallelConfig:
                 f" data_parallel_mode='hybrid', but the mode is {self.data_parallel_mode!r}."
             )
         stages_per_rank(self.pipeline_schedule)
+        checkpoint_mode(self.activation_checkpointing)
+
+    @property
+    def checkpoint_mode(self) -> str | None:
+        """None, "full" or "selective"."""
+        return checkpoint_mode(self.activation_checkpointing)
 
     def resolve(self, world_size: int, devices_per_node: int | None = None) -> MeshShape:
         """Fill in "auto" sizes and check that the degrees multiply to ``world_size``."""

@@ -62,7 +62,9 @@ class ModelParallelStrategy(CheckpointHooks, StepHooks, ParallelStrategy):
             balanced by parameter count, counting embeddings on the first stage and the head on the last.
         data_parallel_mode: ``"fully_sharded"`` (FSDP2), ``"hybrid"`` (replicate × shard, see
             ``data_parallel_replicate_size``; ``"auto"``: one replica per node) or ``"replicated"`` (DDP-like).
-        activation_checkpointing: recompute each block in backward instead of storing its activations.
+        activation_checkpointing: ``True``/``"full"``: recompute each block in backward instead of storing its
+            activations; ``"selective"``: keep the matmul, attention and collective outputs and recompute only the
+            element-wise ops (see ``parallel/activation_checkpointing.py``); default False.
         plan: a :class:`ModelPlan` or a ``{module-glob: style}`` dict (paths relative to the
             LightningModule) for models without a registered plan.
         token_weighted_loss: when the batch carries ``labels_key``, weight each data-parallel rank's loss
@@ -101,7 +103,7 @@ class ModelParallelStrategy(CheckpointHooks, StepHooks, ParallelStrategy):
         pipeline_parallel_size: int = 1,
         data_parallel_mode: str = "fully_sharded",
         data_parallel_replicate_size: Union[Literal["auto"], int, None] = None,
-        activation_checkpointing: bool = False,
+        activation_checkpointing: Union[bool, Literal["full", "selective"]] = False,
         pipeline_schedule: str = "1f1b",
         microbatches: Optional[int] = None,
         pipeline_split_points: Optional[Sequence[int]] = None,

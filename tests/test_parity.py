@@ -17,6 +17,9 @@ LAYOUTS = {
     "hybrid2x2": (4, {"data_parallel_size": 4, "data_parallel_mode": "hybrid", "data_parallel_replicate_size": 2}),
     "replicated2": (2, {"data_parallel_size": 2, "data_parallel_mode": "replicated"}),
     "dp2_activation_checkpointing": (2, {"data_parallel_size": 2, "activation_checkpointing": True}),
+    # Selective: the tensor-parallel collectives' outputs are kept, so backward repeats no communication.
+    "dp2xtp2_selective_activation_checkpointing": (4, {"data_parallel_size": 2, "tensor_parallel_size": 2,
+                                                       "activation_checkpointing": "selective"}),
 }
 
 

@@ -1,16 +1,60 @@
-"""Activation checkpointing: recompute each block's forward in backward instead of storing its activations."""
+"""Activation checkpointing: recompute each block's forward in backward instead of storing its activations.
+
+``"full"`` keeps only each block's input and recomputes the whole block in backward (the least memory,
+one extra forward). ``"selective"`` keeps the outputs of the expensive ops (matrix multiplications,
+attention kernels, and the tensor-parallel collectives, so no communication is repeated) and recomputes
+only the cheap element-wise ones (norms, activations, dropout with its saved RNG state, residual adds):
+most of the memory of the element-wise intermediates goes, almost none of the compute comes back
+(torchtitan's op-level policy, without its "every second matmul" refinement).
+"""
 
 from __future__ import annotations
 
-from typing import Iterable
+import inspect
+from functools import partial
+from typing import Any, Iterable, Optional
 
+import torch
 from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-from lightning_mp._compat import composable_checkpoint
+from lightning_mp._compat import composable_checkpoint, functional_collectives
+
+_aten = torch.ops.aten
+# The default overloads: what autograd dispatches to during a forward.
+KEPT_OPS = frozenset(op.default for op in (
+    _aten.mm, _aten.addmm, _aten.bmm, _aten.baddbmm,
+    # scaled_dot_product_attention's kernels (CPU, flash, memory-efficient, cuDNN)
+    _aten._scaled_dot_product_flash_attention_for_cpu,
+    _aten._scaled_dot_product_flash_attention,
+    _aten._scaled_dot_product_efficient_attention,
+    _aten._scaled_dot_product_cudnn_attention,
+    functional_collectives.all_reduce, functional_collectives.reduce_scatter_tensor,
+    functional_collectives.all_gather_into_tensor,
+))
 
 
-def apply_activation_checkpointing(blocks: Iterable[nn.Module]) -> None:
+def _keep_expensive_ops(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in KEPT_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def apply_activation_checkpointing(blocks: Iterable[nn.Module], mode: str = "full",
+                                   owner: Optional[nn.Module] = None) -> None:
+    """Checkpoint each block; ``owner`` is the module that calls them (e.g. a Hugging Face ``LlamaModel``)."""
+    if owner is not None and "use_cache" in inspect.signature(owner.forward).parameters:
+        # A KV cache written in a block's forward would be written again when backward replays the block (keys
+        # twice as long: a shape error, or wrong attention where shapes happen to fit). Hugging Face's own
+        # gradient checkpointing turns the cache off for the same reason; a training forward never needs one.
+        owner.register_forward_pre_hook(_no_cache_while_training, with_kwargs=True)
     # The composable API recomputes a block's forward in backward without wrapping it in a new
     # module, so parameter names (and checkpoints) stay those of the unwrapped model.
+    options = {} if mode == "full" else {"context_fn": partial(create_selective_checkpoint_contexts,
+                                                               _keep_expensive_ops)}
     for block in blocks:
-        composable_checkpoint(block)
+        composable_checkpoint(block, **options)
+
+
+def _no_cache_while_training(module: nn.Module, args: tuple, kwargs: dict) -> Optional[tuple[tuple, dict]]:
+    if module.training and torch.is_grad_enabled() and kwargs.get("use_cache") is not False:
+        return args, {**kwargs, "use_cache": False}
+    return None

@@ -60,8 +60,9 @@ def resolve_plan(module: nn.Module, user_plan: Optional[ModelPlan], shape: MeshS
         expand_globs(model, plan.tensor_parallel)  # every glob must match the unsplit model
     if plan.blocks is not None:
         check_pipeline(config, len(model.get_submodule(plan.blocks)))
-    if config.activation_checkpointing and plan.blocks is None:
-        raise ValueError(f"activation_checkpointing=True needs a plan that names the blocks of {plan.name}.")
+    if config.checkpoint_mode and plan.blocks is None:
+        raise ValueError(f"activation_checkpointing={config.activation_checkpointing!r} needs a plan that names the"
+                         f" blocks of {plan.name}.")
     if shape.pipeline > 1:
         _check_pipelinable(module, path, model, plan, shape, config)
         if split_points is not None:
@@ -124,8 +125,10 @@ def _apply_axes(root: nn.Module, model: Optional[nn.Module], blocks: list[nn.Mod
     block, then ``model``, then whatever in ``root`` still holds parameters."""
     if model is not None:
         apply_tensor_parallel(model, mesh[TENSOR], plan.tensor_parallel)
-    if config.activation_checkpointing:
-        apply_activation_checkpointing(blocks)
+    if config.checkpoint_mode:
+        owner_path = (plan.blocks or "").rpartition(".")[0]
+        owner = (model.get_submodule(owner_path) if owner_path else model) if model is not None else None
+        apply_activation_checkpointing(blocks, config.checkpoint_mode, owner)
     if dp_mesh is not None:
         apply_fsdp(root, model, blocks, dp_mesh, policy)
 
