@@ -107,6 +107,7 @@ class ParallelConfig:
     activation_checkpointing: bool | str = False  # True = "full"; or "selective"
     pipeline_schedule: str = "1f1b"
     microbatches: int | None = None
+    loss_parallel: bool = False  # cross-entropy on vocabulary-sharded logits (parallel/loss_parallel.py)
 
     def __post_init__(self) -> None:
         self._check_static()
@@ -135,6 +136,8 @@ class ParallelConfig:
             )
         stages_per_rank(self.pipeline_schedule)
         checkpoint_mode(self.activation_checkpointing)
+        if not isinstance(self.loss_parallel, bool):
+            raise ValueError(f"loss_parallel must be True or False, got {self.loss_parallel!r}.")
 
     @property
     def checkpoint_mode(self) -> str | None:

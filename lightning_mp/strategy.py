@@ -40,6 +40,7 @@ from lightning_mp.parallel.token_weighting import TokenWeighting
 from lightning_mp.mesh import PIPELINE, build_device_mesh, host_group
 from lightning_mp.parallel.fsdp import is_parallelized
 from lightning_mp.parallel.grad_norm import clip_grad_norm_
+from lightning_mp.parallel.loss_parallel import unwrap_loss
 from lightning_mp.parallel.apply import PlannedModel, parallelize, resolve_plan, sync_metrics_over
 from lightning_mp.pipeline.steps import PipelineLoop
 from lightning_mp.planner import AutoLayout
@@ -62,6 +63,10 @@ class ModelParallelStrategy(CheckpointHooks, StepHooks, ParallelStrategy):
             balanced by parameter count, counting embeddings on the first stage and the head on the last.
         data_parallel_mode: ``"fully_sharded"`` (FSDP2), ``"hybrid"`` (replicate × shard, see
             ``data_parallel_replicate_size``; ``"auto"``: one replica per node) or ``"replicated"`` (DDP-like).
+        loss_parallel: compute the cross-entropy on vocabulary-sharded logits (needs tensor parallelism and a
+            column-sharded head, e.g. an untied ``lm_head``; no pipeline): ``.loss`` is unchanged, ``.logits`` is a
+            DTensor sharded on its last dimension (``.full_tensor()`` gathers it). See
+            ``parallel/loss_parallel.py``.
         activation_checkpointing: ``True``/``"full"``: recompute each block in backward instead of storing its
             activations; ``"selective"``: keep the matmul, attention and collective outputs and recompute only the
             element-wise ops (see ``parallel/activation_checkpointing.py``); default False.
@@ -119,6 +124,7 @@ class ModelParallelStrategy(CheckpointHooks, StepHooks, ParallelStrategy):
         global_batch_size: Optional[int] = None,
         sequence_length: Optional[int] = None,
         device_memory_gb: Optional[float] = None,
+        loss_parallel: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -135,6 +141,7 @@ class ModelParallelStrategy(CheckpointHooks, StepHooks, ParallelStrategy):
             activation_checkpointing=activation_checkpointing,
             pipeline_schedule=pipeline_schedule,
             microbatches=microbatches,
+            loss_parallel=loss_parallel,
         )
         self._split_points = list(pipeline_split_points) if pipeline_split_points is not None else None
         if isinstance(plan, dict):
@@ -150,6 +157,7 @@ class ModelParallelStrategy(CheckpointHooks, StepHooks, ParallelStrategy):
         self._device_mesh: Optional[DeviceMesh] = None
         self._data_mesh: Optional[DeviceMesh] = None
         self._pipeline: Optional[PipelineLoop] = None
+        self._loss_parallel = False  # set when the model is parallelized
         self._failure_watch = FailureWatch(progress_timeout=progress_timeout_seconds(progress_timeout, timeout))
         self.num_nodes = 1
 
@@ -233,7 +241,8 @@ class ModelParallelStrategy(CheckpointHooks, StepHooks, ParallelStrategy):
         assert self._auto is not None
         accelerator = self.root_device.type if self.parallel_devices else "auto"
         chosen = self._auto.choose_for(model, self.num_processes, self.num_nodes, self._precision, accelerator)
-        self.parallel_config = ParallelConfig(**chosen.layout.strategy_kwargs())
+        self.parallel_config = ParallelConfig(**chosen.layout.strategy_kwargs(),
+                                              loss_parallel=self.parallel_config.loss_parallel)
         self._layout_chosen = True
         rank_zero_info(f"layout='auto': {chosen.summary()}")
 
@@ -269,6 +278,9 @@ class ModelParallelStrategy(CheckpointHooks, StepHooks, ParallelStrategy):
         planned = self._resolve_plan(module)
         tw = self._token_weighting
         tw.shifted_labels = planned is not None and planned.plan.shifted_labels
+        self._loss_parallel = planned is not None and self.parallel_config.loss_parallel and self.mesh_shape.tensor > 1
+        if self._loss_parallel:
+            unwrap_loss(planned.model)
         runtime = parallelize(module, planned, self.device_mesh, self.mesh_shape.data,
                               self.parallel_config, self._precision, self.root_device, self._split_points)
         if runtime is not None:

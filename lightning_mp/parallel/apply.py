@@ -20,6 +20,7 @@ from lightning_mp.config import MeshShape, ParallelConfig, check_divisible, chec
 from lightning_mp.mesh import PIPELINE, TENSOR, fsdp_mesh
 from lightning_mp.parallel.activation_checkpointing import apply_activation_checkpointing
 from lightning_mp.parallel.fsdp import apply_fsdp, mixed_precision_policy
+from lightning_mp.parallel.loss_parallel import check_loss_parallel, with_sharded_head
 from lightning_mp.pipeline.runtime import PipelineRuntime, build_pipeline, check_ties
 from lightning_mp.pipeline.split import check_ownership, check_split_points, stage_blocks
 from lightning_mp.parallel.tensor import apply_tensor_parallel, expand_globs, present_globs
@@ -68,6 +69,10 @@ def resolve_plan(module: nn.Module, user_plan: Optional[ModelPlan], shape: MeshS
         if split_points is not None:
             num_stages = shape.pipeline * stages_per_rank(config.pipeline_schedule)
             check_split_points(split_points, num_stages, len(model.get_submodule(plan.blocks)))
+    if config.loss_parallel:
+        check_loss_parallel(plan, shape.tensor, shape.pipeline)
+        if shape.tensor > 1:
+            plan = with_sharded_head(plan)
     return PlannedModel(path, model, plan)
 
 

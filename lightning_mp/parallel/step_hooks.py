@@ -12,6 +12,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_mp._compat import sync_ddp_if_available
+from lightning_mp.parallel.loss_parallel import loss_parallel_context
 from lightning_mp.pipeline.steps import split_step_arguments
 
 
@@ -44,7 +45,8 @@ class StepHooks:
 
     def _run_step(self, hook: str, context: Any, args: tuple, kwargs: dict) -> Any:
         if self._pipeline is None:
-            return self._weighted_step(getattr(super(), hook), *args, **kwargs)
+            with loss_parallel_context(self._loss_parallel):
+                return self._weighted_step(getattr(super(), hook), *args, **kwargs)
         module = self.lightning_module
         args, kwargs = self.precision_plugin.convert_input((args, kwargs))
         batch, rest = split_step_arguments(args, kwargs)
@@ -95,7 +97,8 @@ class StepHooks:
             self._pipeline.hand_over_gradients()
             return self.precision_plugin.post_backward(closure_loss, self.lightning_module)
         closure_loss = self._token_weighting.scale(closure_loss)
-        return super().backward(closure_loss, optimizer, *args, **kwargs)
+        with loss_parallel_context(self._loss_parallel):  # the sharded cross-entropy's backward needs it too
+            return super().backward(closure_loss, optimizer, *args, **kwargs)
 
     def reduce(self, tensor: Any, group: Optional[Any] = None, reduce_op: Optional[Any] = "mean") -> Any:
         if not isinstance(tensor, Tensor):

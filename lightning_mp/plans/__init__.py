@@ -71,6 +71,8 @@ class ModelPlan:
             weighting then counts ``labels[..., 1:]`` (see ``parallel.token_weighting.labelled_tokens``).
         unsupported: axis (``"tensor"``, ``"pipeline"``) -> why this model cannot use it; checked with the
             degrees before anything is launched (e.g. mixture-of-experts layers, an unknown style).
+        head: the ``tensor_parallel`` key of the column-sharded output head whose logits the model's loss
+            reads (e.g. ``"lm_head"``); None when the head is replicated. Loss parallelism needs it.
     """
 
     tensor_parallel: dict[str, Style] = field(default_factory=dict)
@@ -80,6 +82,7 @@ class ModelPlan:
     pipeline: Optional[PipelinePlan] = None
     shifted_labels: bool = False
     unsupported: dict[str, str] = field(default_factory=dict)
+    head: str | None = None
 
 
 PlanFactory = Callable[[nn.Module], ModelPlan]

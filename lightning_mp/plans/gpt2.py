@@ -56,5 +56,5 @@ def gpt2_plan(model: nn.Module) -> ModelPlan:
     return ModelPlan(
         tensor_parallel=styles, blocks=blocks, divisible_sizes=divisible, name=type(model).__name__,
         pipeline=own_code_pipeline(model, blocks, first, (f"{prefix}ln_f",), ("lm_head",) if causal else ()),
-        shifted_labels=causal,
+        shifted_labels=causal, head="lm_head" if "lm_head" in styles else None,
     )

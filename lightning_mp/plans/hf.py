@@ -140,10 +140,12 @@ def hf_plan(model: nn.Module) -> ModelPlan:
             f"{name} has no pipeline plan here: transformers declares one for the base model and causal-LM"
             " heads (`_pp_plan`); other heads are not pipelined"
         )
+    head = _path_of(model, model.get_output_embeddings())
     return ModelPlan(
         tensor_parallel={glob: HF_STYLES[style]() for glob, style in styles.items() if style in HF_STYLES},
         blocks=blocks, divisible_sizes=divisible, name=name, pipeline=pipeline,
         shifted_labels=is_hf_causal_lm(model), unsupported=unsupported,
+        head=head if head in styles and styles[head] == "colwise_gather_output" else None,
     )
 
 

@@ -30,7 +30,7 @@ def parallel_kwargs(cfg: DictConfig, auto: Optional[Callable[[DictConfig], dict[
         data_parallel_size=p.data, tensor_parallel_size=p.tensor, pipeline_parallel_size=p.pipeline,
         data_parallel_mode=p.mode, data_parallel_replicate_size=p.replicate,
         activation_checkpointing=p.activation_checkpointing, pipeline_schedule=p.schedule,
-        microbatches=p.microbatches,
+        microbatches=p.microbatches, loss_parallel=bool(p.get("loss_parallel", False)),
     )
 
 

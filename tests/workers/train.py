@@ -63,6 +63,8 @@ def main() -> None:
     parser.add_argument("--fixed-width", action="store_true", help="with --family: pad every batch to full length")
     parser.add_argument("--config", default="{}", help="with --family: JSON config overrides")
     parser.add_argument("--grad-norms", action="store_true", help="record the global gradient norm before each step")
+    parser.add_argument("--probe-logits", action="store_true",
+                        help="after training, record the class, placements and local shape of the model's logits")
     parser.add_argument("--variable-width", action="store_true",
                         help="batches padded to their own longest row; only data-parallel rank 1's width changes")
     args = parser.parse_args()
@@ -124,6 +126,13 @@ def main() -> None:
         in_order = {} if args.family is not None else {"shuffled": False}
         val_loader = make_loader(args.batch_size // data_size, size=38 if args.variable_width else 22, **in_order)
         result["validation"] = {k: float(v) for k, v in trainer.validate(module, val_loader, verbose=False)[0].items()}
+    if args.probe_logits:
+        batch = next(iter(make_loader(args.batch_size // data_size, single_process=single)))
+        with torch.no_grad():
+            logits = module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        placements = [str(p) for p in getattr(logits, "placements", ())]
+        local = logits.to_local() if placements else logits
+        result["logits"] = (type(logits).__name__, placements, tuple(local.shape), tuple(logits.shape))
     if args.strategy == "lightning_mp":
         from lightning_mp.checkpoint.state import model_state
         from lightning_mp.planner.measure import local_state_bytes

@@ -1,0 +1,52 @@
+"""Loss parallelism (parallel/loss_parallel.py): the cross-entropy on vocabulary-sharded logits gives
+the single-process losses and weights (3 SGD steps, fp32, right-padded rows of different lengths), while
+each rank holds only its slice of the logits; what cannot work is refused before launch."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+from conftest import max_weight_difference, run_worker
+from workers import tiny_hf
+
+from lightning_mp import ModelParallelStrategy
+
+FP32_TOLERANCE = 1e-5
+LLAMA = ("--family", "llama", "--layers", "2", "--optimizer", "sgd", "--lr", "0.1")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("devices,layout", [(2, {"tensor_parallel_size": 2}),
+                                            (4, {"tensor_parallel_size": 2, "data_parallel_size": 2})],
+                         ids=["tp2", "dp2xtp2"])
+def test_loss_parallel_matches_single_process_with_sharded_logits(devices, layout, tmp_path, reference_runs):
+    result = run_worker(tmp_path, devices=devices, layout={**layout, "loss_parallel": True},
+                        extra=(*LLAMA, "--probe-logits"))
+    reference = reference_runs(*LLAMA)
+    losses = max(abs(a - b) for a, b in zip(result["losses"], reference["losses"]))
+    weights = max_weight_difference(result["state_dict"], reference["state_dict"])
+    print(f"loss parallel parity: losses {losses:.1e}, weights {weights:.1e}")
+    assert result["losses"] == pytest.approx(reference["losses"], abs=FP32_TOLERANCE)
+    assert weights < FP32_TOLERANCE
+    kind, placements, local_shape, global_shape = result["logits"]
+    assert kind == "DTensor" and placements == ["S(2)"]  # sharded on the vocabulary dimension
+    assert local_shape[-1] == tiny_hf.VOCAB // 2 and global_shape[-1] == tiny_hf.VOCAB
+
+
+def fit(devices: int, module: L.LightningModule, **strategy_kwargs) -> None:
+    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=ModelParallelStrategy(**strategy_kwargs),
+                        logger=False, enable_checkpointing=False, max_steps=1)
+    trainer.fit(module, tiny_hf.loader("llama", 4))
+
+
+def test_loss_parallel_with_tied_embeddings_is_refused_before_launch(no_child_processes):
+    module = tiny_hf.TinyHFModule("llama", layers=2, tie_word_embeddings=True)
+    with pytest.raises(ValueError, match="loss_parallel=True needs a column-sharded output head, but"
+                                         " LlamaForCausalLM has none: its output head is replicated"):
+        fit(2, module, tensor_parallel_size=2, loss_parallel=True)
+
+
+def test_loss_parallel_with_a_pipeline_is_refused_before_launch(no_child_processes):
+    module = tiny_hf.TinyHFModule("llama", layers=2)
+    with pytest.raises(ValueError, match="loss_parallel=True with pipeline_parallel_size=2 is not supported"):
+        fit(4, module, tensor_parallel_size=2, pipeline_parallel_size=2, loss_parallel=True)
