@@ -108,6 +108,7 @@ class ParallelConfig:
     pipeline_schedule: str = "1f1b"
     microbatches: int | None = None
     loss_parallel: bool = False  # cross-entropy on vocabulary-sharded logits (parallel/loss_parallel.py)
+    sequence_parallel: bool = False  # norms and residual stream on sequence shards between tensor-parallel regions
 
     def __post_init__(self) -> None:
         self._check_static()
@@ -136,8 +137,9 @@ class ParallelConfig:
             )
         stages_per_rank(self.pipeline_schedule)
         checkpoint_mode(self.activation_checkpointing)
-        if not isinstance(self.loss_parallel, bool):
-            raise ValueError(f"loss_parallel must be True or False, got {self.loss_parallel!r}.")
+        for name in ("loss_parallel", "sequence_parallel"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}.")
 
     @property
     def checkpoint_mode(self) -> str | None:

@@ -63,6 +63,9 @@ class ModelParallelStrategy(CheckpointHooks, StepHooks, ParallelStrategy):
             balanced by parameter count, counting embeddings on the first stage and the head on the last.
         data_parallel_mode: ``"fully_sharded"`` (FSDP2), ``"hybrid"`` (replicate × shard, see
             ``data_parallel_replicate_size``; ``"auto"``: one replica per node) or ``"replicated"`` (DDP-like).
+        sequence_parallel: between the tensor-parallel regions, run norms, dropouts and the residual stream on
+            sequence shards (activation memory there falls with the tensor degree); decoder families from
+            transformers' plans, no pipeline yet.
         loss_parallel: compute the cross-entropy on vocabulary-sharded logits (needs tensor parallelism and a
             column-sharded head, e.g. an untied ``lm_head``; no pipeline): ``.loss`` is unchanged, ``.logits`` is a
             DTensor sharded on its last dimension (``.full_tensor()`` gathers it). See
@@ -125,6 +128,7 @@ class ModelParallelStrategy(CheckpointHooks, StepHooks, ParallelStrategy):
         sequence_length: Optional[int] = None,
         device_memory_gb: Optional[float] = None,
         loss_parallel: bool = False,
+        sequence_parallel: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -142,6 +146,7 @@ class ModelParallelStrategy(CheckpointHooks, StepHooks, ParallelStrategy):
             pipeline_schedule=pipeline_schedule,
             microbatches=microbatches,
             loss_parallel=loss_parallel,
+            sequence_parallel=sequence_parallel,
         )
         self._split_points = list(pipeline_split_points) if pipeline_split_points is not None else None
         if isinstance(plan, dict):
@@ -242,7 +247,8 @@ class ModelParallelStrategy(CheckpointHooks, StepHooks, ParallelStrategy):
         accelerator = self.root_device.type if self.parallel_devices else "auto"
         chosen = self._auto.choose_for(model, self.num_processes, self.num_nodes, self._precision, accelerator)
         self.parallel_config = ParallelConfig(**chosen.layout.strategy_kwargs(),
-                                              loss_parallel=self.parallel_config.loss_parallel)
+                                              loss_parallel=self.parallel_config.loss_parallel,
+                                              sequence_parallel=self.parallel_config.sequence_parallel)
         self._layout_chosen = True
         rank_zero_info(f"layout='auto': {chosen.summary()}")
 

@@ -50,3 +50,34 @@ def test_loss_parallel_with_a_pipeline_is_refused_before_launch(no_child_process
     module = tiny_hf.TinyHFModule("llama", layers=2)
     with pytest.raises(ValueError, match="loss_parallel=True with pipeline_parallel_size=2 is not supported"):
         fit(4, module, tensor_parallel_size=2, pipeline_parallel_size=2, loss_parallel=True)
+
+
+# Sequence parallelism: norms, dropouts and the residual stream on sequence shards between the tensor-parallel
+# regions. With loss parallelism on too at dp2×tp2: the sequence-sharded final norm feeds the vocabulary-sharded head.
+SEQUENCE_PARALLEL = {
+    "tp2": (2, {"tensor_parallel_size": 2, "sequence_parallel": True}),
+    "dp2xtp2_loss_parallel": (4, {"tensor_parallel_size": 2, "data_parallel_size": 2, "sequence_parallel": True,
+                                  "loss_parallel": True}),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(SEQUENCE_PARALLEL))
+def test_sequence_parallel_matches_single_process(name, tmp_path, reference_runs):
+    devices, layout = SEQUENCE_PARALLEL[name]
+    result = run_worker(tmp_path, devices=devices, layout=layout, extra=(*LLAMA, "--probe-hidden"))
+    reference = reference_runs(*LLAMA)
+    losses = max(abs(a - b) for a, b in zip(result["losses"], reference["losses"]))
+    weights = max_weight_difference(result["state_dict"], reference["state_dict"])
+    print(f"sequence parallel parity ({name}): losses {losses:.1e}, weights {weights:.1e}")
+    assert result["losses"] == pytest.approx(reference["losses"], abs=FP32_TOLERANCE)
+    assert weights < FP32_TOLERANCE
+    # What a block hands to the next: this rank's half of the sequence.
+    kind, placements, local_shape, global_shape = result["hidden"]
+    assert kind == "DTensor" and placements == ["S(1)"] and local_shape[1] * 2 == global_shape[1]
+
+
+def test_sequence_parallel_without_a_plan_for_it_is_refused_before_launch(no_child_processes):
+    module = tiny_hf.TinyHFModule("llama", layers=2, tie_word_embeddings=True)
+    with pytest.raises(ValueError, match="sequence_parallel=True, but LlamaForCausalLM has no sequence-parallel plan"):
+        fit(2, module, tensor_parallel_size=2, sequence_parallel=True)

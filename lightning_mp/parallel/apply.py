@@ -69,11 +69,29 @@ def resolve_plan(module: nn.Module, user_plan: Optional[ModelPlan], shape: MeshS
         if split_points is not None:
             num_stages = shape.pipeline * stages_per_rank(config.pipeline_schedule)
             check_split_points(split_points, num_stages, len(model.get_submodule(plan.blocks)))
+    sequence_parallel = config.sequence_parallel and shape.tensor > 1
+    if sequence_parallel:
+        plan = replace(plan, tensor_parallel=sequence_parallel_plan(plan, shape))
     if config.loss_parallel:
         check_loss_parallel(plan, shape.tensor, shape.pipeline)
         if shape.tensor > 1:
-            plan = with_sharded_head(plan)
+            plan = with_sharded_head(plan, sequence_sharded_input=sequence_parallel)
     return PlannedModel(path, model, plan)
+
+
+def sequence_parallel_plan(plan: ModelPlan, shape: MeshShape) -> dict:
+    if shape.pipeline > 1:
+        raise ValueError(
+            f"sequence_parallel=True with pipeline_parallel_size={shape.pipeline} is not supported yet: the"
+            " activations sent between stages would be sequence-sharded DTensors; use sequence_parallel=False with"
+            " a pipeline, or pipeline_parallel_size=1."
+        )
+    if plan.sequence_parallel is None:
+        raise ValueError(
+            f"sequence_parallel=True, but {plan.name} has no sequence-parallel plan (supported: the decoder families"
+            " whose plans come from transformers, with an untied lm_head); use sequence_parallel=False."
+        )
+    return plan.sequence_parallel
 
 
 def _no_pipeline_plan(shape: MeshShape, reason: str) -> str:

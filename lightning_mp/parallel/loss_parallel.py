@@ -17,7 +17,7 @@ from dataclasses import replace
 from typing import Any
 
 from torch import nn
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, loss_parallel
 
 from lightning_mp.plans import ModelPlan
@@ -41,10 +41,12 @@ def check_loss_parallel(plan: ModelPlan, tensor_parallel_size: int, pipeline_par
         )
 
 
-def with_sharded_head(plan: ModelPlan) -> ModelPlan:
-    """The plan with its head's output left sharded on the last (vocabulary) dimension, as a DTensor."""
+def with_sharded_head(plan: ModelPlan, sequence_sharded_input: bool = False) -> ModelPlan:
+    """The plan with its head's output left sharded on the last (vocabulary) dimension, as a DTensor; under
+    sequence parallelism its input arrives sharded on the sequence."""
     assert plan.head is not None
-    head_style = ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)
+    head_style = ColwiseParallel(input_layouts=Shard(1) if sequence_sharded_input else Replicate(),
+                                 output_layouts=Shard(-1), use_local_output=False)
     return replace(plan, tensor_parallel={**plan.tensor_parallel, plan.head: head_style})
 
 

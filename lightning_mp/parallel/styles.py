@@ -92,3 +92,26 @@ def _as_dtensor(tensor: torch.Tensor, mesh: DeviceMesh, arrives: Placement, want
     if not isinstance(tensor, DTensor):
         tensor = DTensor.from_local(tensor, mesh, [arrives], run_check=False)
     return tensor if tensor.placements == (wanted,) else tensor.redistribute(mesh, [wanted])
+
+
+class GatherSequence(ParallelStyle):
+    """Sequence parallelism's entry into a tensor-parallel region (an attention or MLP module): its
+    hidden-states input (the first positional argument or ``hidden_states=``) arrives as a DTensor sharded
+    on the sequence dimension and is all-gathered into a full local tensor for the column-wise projections
+    inside. The region's row-wise projection reduce-scatters back to sequence shards."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        def full(value: object) -> object:
+            if isinstance(value, DTensor):
+                return value.redistribute(placements=[Replicate()]).to_local()
+            return value
+
+        def gather(mod: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            if args:
+                return (full(args[0]), *args[1:]), kwargs
+            if "hidden_states" in kwargs:
+                return args, {**kwargs, "hidden_states": full(kwargs["hidden_states"])}
+            return args, kwargs
+
+        module.register_forward_pre_hook(gather, with_kwargs=True)
+        return module

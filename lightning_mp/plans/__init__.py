@@ -71,6 +71,8 @@ class ModelPlan:
             weighting then counts ``labels[..., 1:]`` (see ``parallel.token_weighting.labelled_tokens``).
         unsupported: axis (``"tensor"``, ``"pipeline"``) -> why this model cannot use it; checked with the
             degrees before anything is launched (e.g. mixture-of-experts layers, an unknown style).
+        sequence_parallel: the tensor-parallel plan with sequence parallelism (norms and residual stream on
+            sequence shards between the tensor-parallel regions), or None when the family has none.
         head: the ``tensor_parallel`` key of the column-sharded output head whose logits the model's loss
             reads (e.g. ``"lm_head"``); None when the head is replicated. Loss parallelism needs it.
     """
@@ -83,6 +85,7 @@ class ModelPlan:
     shifted_labels: bool = False
     unsupported: dict[str, str] = field(default_factory=dict)
     head: str | None = None
+    sequence_parallel: Optional[dict[str, Style]] = None
 
 
 PlanFactory = Callable[[nn.Module], ModelPlan]

@@ -36,10 +36,10 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
-from torch.distributed.tensor import Replicate
-from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, SequenceParallel
 
-from lightning_mp.parallel.styles import HeadShardedNorm
+from lightning_mp.parallel.styles import GatherSequence, HeadShardedNorm
 from lightning_mp.plans import ModelPlan, PipelinePlan
 
 # HF style name -> torch style (factory). Column-wise output stays sharded, or is gathered ("_rep",
@@ -142,11 +142,58 @@ def hf_plan(model: nn.Module) -> ModelPlan:
         )
     head = _path_of(model, model.get_output_embeddings())
     return ModelPlan(
+        sequence_parallel=None if unsupported.get("tensor") else _sequence_parallel_plan(model, styles, blocks),
         tensor_parallel={glob: HF_STYLES[style]() for glob, style in styles.items() if style in HF_STYLES},
         blocks=blocks, divisible_sizes=divisible, name=name, pipeline=pipeline,
         shifted_labels=is_hf_causal_lm(model), unsupported=unsupported,
         head=head if head in styles and styles[head] == "colwise_gather_output" else None,
     )
+
+
+# Sequence parallelism (Korthikanti et al. 2022, as torchtitan applies it): between the tensor-parallel regions
+# the residual stream, the norms and the dropouts work on sequence shards (DTensors sharded on dim 1); each
+# attention / MLP region all-gathers its input and its row-wise projection reduce-scatters its output.
+SEQUENCE = Shard(1)
+# Inside a block: row-wise projections reduce-scatter to sequence shards (and stay DTensors for the residual
+# add and the norms); column-wise ones take the gathered local input as without sequence parallelism.
+_SP_BLOCK_STYLES: dict[str, Callable[[], ParallelStyle]] = {
+    **HF_STYLES,
+    "rowwise": lambda: RowwiseParallel(output_layouts=SEQUENCE, use_local_output=False),
+    "rowwise_split_input": lambda: RowwiseParallel(input_layouts=Replicate(), output_layouts=SEQUENCE,
+                                                   use_local_output=False),
+}
+
+
+def _sequence_parallel_plan(model: nn.Module, styles: dict[str, str], blocks: str | None) -> dict[str, Any] | None:
+    """The family's plan with sequence parallelism, derived from its structure: every direct child of a block
+    that holds a planned projection is a tensor-parallel region (gathers its input), every other one with
+    parameters is a norm (sequence-sharded); the final norm too. None when the structure does not fit (a
+    tied head, an embedding not in the plan, a block child that is neither)."""
+    embedding = _path_of(model, model.get_input_embeddings())
+    head = _path_of(model, model.get_output_embeddings())
+    if blocks is None or styles.get(embedding) != "embedding_rowwise" or styles.get(head) != "colwise_gather_output":
+        return None
+    planned = {glob.split(".")[len(blocks.split(".")) + 1] for glob in styles if glob.startswith(f"{blocks}.*.")}
+    plan: dict[str, Any] = {glob: _SP_BLOCK_STYLES[style]() for glob, style in styles.items()
+                            if style in _SP_BLOCK_STYLES and glob.startswith(f"{blocks}.*.")}
+    # The embedding reduce-scatters its vocabulary-parallel lookup straight into sequence shards; the head
+    # gathers the final norm's shards.
+    plan[embedding] = RowwiseParallel(input_layouts=Replicate(), output_layouts=SEQUENCE, use_local_output=False)
+    plan[head] = ColwiseParallel(input_layouts=SEQUENCE, output_layouts=Replicate())
+    for name, child in model.get_submodule(blocks)[0].named_children():
+        if name in planned:
+            plan[f"{blocks}.*.{name}"] = GatherSequence()
+        elif isinstance(child, nn.Dropout) or not any(True for _ in child.parameters()):
+            continue  # element-wise on the shards as they come
+        elif not list(child.children()) and getattr(child, "weight", None) is not None and child.weight.dim() == 1:
+            plan[f"{blocks}.*.{name}"] = SequenceParallel()
+        else:
+            return None
+    final = [path for path in (model.pp_plan or {}) if path not in (blocks, embedding, head)
+             and isinstance(model.get_submodule(path), nn.Module) and not isinstance(model.get_submodule(path),
+                                                                                    (nn.ModuleList, nn.Embedding))]
+    plan.update({path: SequenceParallel() for path in final if any(True for _ in model.get_submodule(path).parameters())})
+    return plan
 
 
 def _path_of(model: nn.Module, target: nn.Module | None) -> str | None:

@@ -31,6 +31,7 @@ def parallel_kwargs(cfg: DictConfig, auto: Optional[Callable[[DictConfig], dict[
         data_parallel_mode=p.mode, data_parallel_replicate_size=p.replicate,
         activation_checkpointing=p.activation_checkpointing, pipeline_schedule=p.schedule,
         microbatches=p.microbatches, loss_parallel=bool(p.get("loss_parallel", False)),
+        sequence_parallel=bool(p.get("sequence_parallel", False)),
     )
 
 

@@ -65,6 +65,8 @@ def main() -> None:
     parser.add_argument("--grad-norms", action="store_true", help="record the global gradient norm before each step")
     parser.add_argument("--probe-logits", action="store_true",
                         help="after training, record the class, placements and local shape of the model's logits")
+    parser.add_argument("--probe-hidden", action="store_true",
+                        help="after training, record the class, placements and local shape of block 0's output")
     parser.add_argument("--variable-width", action="store_true",
                         help="batches padded to their own longest row; only data-parallel rank 1's width changes")
     args = parser.parse_args()
@@ -133,6 +135,17 @@ def main() -> None:
         placements = [str(p) for p in getattr(logits, "placements", ())]
         local = logits.to_local() if placements else logits
         result["logits"] = (type(logits).__name__, placements, tuple(local.shape), tuple(logits.shape))
+    if args.probe_hidden:
+        batch = next(iter(make_loader(args.batch_size // data_size, single_process=single)))
+        seen = []
+        hook = module.model.model.layers[0].register_forward_hook(lambda m, a, out: seen.append(out))
+        with torch.no_grad():
+            module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        hook.remove()
+        hidden = seen[0][0] if isinstance(seen[0], tuple) else seen[0]
+        placements = [str(p) for p in getattr(hidden, "placements", ())]
+        local = hidden.to_local() if placements else hidden
+        result["hidden"] = (type(hidden).__name__, placements, tuple(local.shape), tuple(hidden.shape))
     if args.strategy == "lightning_mp":
         from lightning_mp.checkpoint.state import model_state
         from lightning_mp.planner.measure import local_state_bytes
