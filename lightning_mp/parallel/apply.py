@@ -89,7 +89,8 @@ def sequence_parallel_plan(plan: ModelPlan, shape: MeshShape) -> dict:
     if plan.sequence_parallel is None:
         raise ValueError(
             f"sequence_parallel=True, but {plan.name} has no sequence-parallel plan (supported: the decoder families"
-            " whose plans come from transformers, with an untied lm_head); use sequence_parallel=False."
+            " whose plans come from transformers, with an untied lm_head, and the BERT / RoBERTa token and BERT"
+            " sequence classifiers); use sequence_parallel=False."
         )
     return plan.sequence_parallel
 

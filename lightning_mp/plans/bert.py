@@ -69,7 +69,42 @@ def bert_plan(model: nn.Module) -> ModelPlan:
         },
         name=type(model).__name__,
         pipeline=bert_pipeline_plan(model),
+        sequence_parallel=_sequence_parallel(model, prefix, blocks),
     )
+
+
+def _sequence_parallel(model: nn.Module, prefix: str, blocks: str) -> dict[str, Any] | None:
+    """BERT's layer with sequence parallelism. BERT is post-norm with the residual add inside
+    ``BertSelfOutput`` / ``BertOutput``: the sequence shards enter the layer, ``attention.self`` and
+    ``intermediate`` gather them for their column-wise projections, the row-wise projections reduce-scatter
+    back into shards, and the residual add and LayerNorm run on the shards. The embeddings run whole
+    (replicated, as without sequence parallelism) and hand over this rank's shard; the task head gathers.
+    Only for the token and sequence classifiers (a bare BertModel would return sequence-sharded states),
+    and not for ELECTRA's projected embeddings."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleOutput, RowwiseParallel, SequenceParallel
+
+    from lightning_mp.parallel.styles import GatherSequence
+
+    gathered_by = {"BertForTokenClassification": "classifier", "RobertaForTokenClassification": "classifier",
+                   "XLMRobertaForTokenClassification": "classifier",
+                   "BertForSequenceClassification": f"{prefix}pooler"}.get(type(model).__name__)
+    if gathered_by is None or not prefix or getattr(model.base_model, "embeddings_project", None) is not None:
+        return None
+    sequence = Shard(1)
+    return {
+        f"{prefix}embeddings": PrepareModuleOutput(output_layouts=Replicate(), desired_output_layouts=sequence,
+                                                   use_local_output=False),
+        f"{blocks}.*.attention.self": GatherSequence(),
+        **{f"{blocks}.*.attention.self.{name}": ColwiseParallel() for name in ("query", "key", "value")},
+        f"{blocks}.*.attention.output.dense": RowwiseParallel(output_layouts=sequence, use_local_output=False),
+        f"{blocks}.*.attention.output.LayerNorm": SequenceParallel(),
+        f"{blocks}.*.intermediate": GatherSequence(),
+        f"{blocks}.*.intermediate.dense": ColwiseParallel(),
+        f"{blocks}.*.output.dense": RowwiseParallel(output_layouts=sequence, use_local_output=False),
+        f"{blocks}.*.output.LayerNorm": SequenceParallel(),
+        gathered_by: GatherSequence(),
+    }
 
 
 # ---------------------------------------------------------------- pipeline pieces

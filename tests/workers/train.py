@@ -138,9 +138,12 @@ def main() -> None:
     if args.probe_hidden:
         batch = next(iter(make_loader(args.batch_size // data_size, single_process=single)))
         seen = []
-        hook = module.model.model.layers[0].register_forward_hook(lambda m, a, out: seen.append(out))
+        from lightning_mp.plans import find_plan
+
+        _, planned, plan = find_plan(module)
+        hook = planned.get_submodule(plan.blocks)[0].register_forward_hook(lambda m, a, out: seen.append(out))
         with torch.no_grad():
-            module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            planned(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         hook.remove()
         hidden = seen[0][0] if isinstance(seen[0], tuple) else seen[0]
         placements = [str(p) for p in getattr(hidden, "placements", ())]

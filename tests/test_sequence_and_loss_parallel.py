@@ -1,6 +1,7 @@
-"""Loss parallelism (parallel/loss_parallel.py): the cross-entropy on vocabulary-sharded logits gives
-the single-process losses and weights (3 SGD steps, fp32, right-padded rows of different lengths), while
-each rank holds only its slice of the logits; what cannot work is refused before launch."""
+"""Sequence parallelism and loss parallelism give the single-process losses and weights (3 SGD steps,
+fp32, right-padded rows of different lengths) while each rank holds only its share of the sequence
+between tensor-parallel regions (block outputs ``Shard(1)``) and of the logits (``Shard(2)``); what
+cannot work is refused before launch."""
 
 from __future__ import annotations
 
@@ -58,6 +59,8 @@ SEQUENCE_PARALLEL = {
     "tp2": (2, {"tensor_parallel_size": 2, "sequence_parallel": True}),
     "dp2xtp2_loss_parallel": (4, {"tensor_parallel_size": 2, "data_parallel_size": 2, "sequence_parallel": True,
                                   "loss_parallel": True}),
+    # Post-norm, residual inside the attention/FFN output modules; AdamW, as the other BERT parity tests.
+    "bert_dp2xtp2": (4, {"tensor_parallel_size": 2, "data_parallel_size": 2, "sequence_parallel": True}),
 }
 
 
@@ -65,8 +68,9 @@ SEQUENCE_PARALLEL = {
 @pytest.mark.parametrize("name", list(SEQUENCE_PARALLEL))
 def test_sequence_parallel_matches_single_process(name, tmp_path, reference_runs):
     devices, layout = SEQUENCE_PARALLEL[name]
-    result = run_worker(tmp_path, devices=devices, layout=layout, extra=(*LLAMA, "--probe-hidden"))
-    reference = reference_runs(*LLAMA)
+    model = () if name.startswith("bert") else LLAMA  # the tiny BERT token classifier is the worker's default
+    result = run_worker(tmp_path, devices=devices, layout=layout, extra=(*model, "--probe-hidden"))
+    reference = reference_runs(*model)
     losses = max(abs(a - b) for a, b in zip(result["losses"], reference["losses"]))
     weights = max_weight_difference(result["state_dict"], reference["state_dict"])
     print(f"sequence parallel parity ({name}): losses {losses:.1e}, weights {weights:.1e}")
