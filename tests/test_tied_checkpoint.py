@@ -24,8 +24,6 @@ from safetensors import safe_open
 
 from lightning_mp.checkpoint.convert import sharded_to_full
 
-pytestmark = pytest.mark.slow
-
 EMBEDDING, HEAD = "model.model.embed_tokens.weight", "model.lm_head.weight"  # in the LightningModule
 PIPELINE = {"pipeline_parallel_size": 2, "microbatches": 4}
 TOLERANCE = 1e-5
@@ -63,6 +61,7 @@ def jobs(tmp_path_factory):
                         "pp.ck -> 1 device": (pp[0], back[0]), "pp.ckpt -> 1 device": (pp[0], back[1])}}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tag", ["one", "pp"])
 def test_checkpoints_and_export_hold_the_tied_weight_once(jobs, tag):
     d, trained = jobs["dir"], jobs[tag]["state_dict"]
@@ -83,6 +82,7 @@ def test_checkpoints_and_export_hold_the_tied_weight_once(jobs, tag):
     assert set(export) == {k.removeprefix("model.") for k in trained} - {"lm_head.weight"}
 
 
+@pytest.mark.slow
 def test_export_matches_save_pretrained_and_reloads_tied(jobs, tmp_path):
     from transformers import AutoModelForCausalLM
     from workers import tiny_hf
@@ -99,6 +99,7 @@ def test_export_matches_save_pretrained_and_reloads_tied(jobs, tmp_path):
     assert reloaded.lm_head.weight.equal(trained[HEAD])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["one.ck -> pp2", "one.ckpt -> pp2", "pp.ck -> 1 device", "pp.ckpt -> 1 device"])
 def test_resume_in_another_layout_restores_both_copies(jobs, case):
     saved, resumed = jobs["resumed"][case]
@@ -115,6 +116,7 @@ def test_resume_in_another_layout_restores_both_copies(jobs, case):
     assert resumed["state_dict"][HEAD].equal(resumed["state_dict"][EMBEDDING])
 
 
+@pytest.mark.slow
 def test_full_checkpoint_loads_into_a_plain_module_without_the_copy(jobs):
     """No strategy: the tied copy is not in the file, and the tie fills it (load with strict=False)."""
     from workers.tied_checkpoint import TiedLlama
@@ -124,3 +126,25 @@ def test_full_checkpoint_loads_into_a_plain_module_without_the_copy(jobs):
                                                  strict=False)
     assert (missing, unexpected) == ([HEAD], [])
     assert module.model.lm_head.weight.equal(jobs["pp"]["state_dict"][EMBEDDING])
+
+
+@pytest.mark.parametrize("form", ["sharded", "full"])
+def test_checkpoints_with_both_names_still_load(tmp_path, form):
+    """Written before tied weights were stored once: the copy's entry is accepted (strict) and not read."""
+    from workers.tied_checkpoint import TiedLlama
+
+    from lightning_mp.checkpoint.io import MODEL_KEY, save_full, save_sharded
+    from lightning_mp.checkpoint.state import load_into
+    from lightning_mp.checkpoint.tied import tied_names
+
+    saved = TiedLlama()
+    with torch.no_grad():
+        saved.model.lm_head.weight.add_(1.0)  # one tensor under both names: the embedding moves too
+    state = {MODEL_KEY: {k: v.clone() for k, v in saved.state_dict().items()}}
+    assert HEAD in state[MODEL_KEY] and EMBEDDING in state[MODEL_KEY]
+    path = tmp_path / form
+    save_sharded(state, path, True, lambda: None) if form == "sharded" else save_full(state, path)
+    module = TiedLlama()
+    load_into(path, module, [], strict=True, tied=tied_names(module))
+    assert module.model.lm_head.weight is module.model.model.embed_tokens.weight
+    assert module.model.lm_head.weight.equal(saved.model.lm_head.weight)
