@@ -118,7 +118,8 @@ def test_resume_in_another_layout_restores_both_copies(jobs, case):
 
 @pytest.mark.slow
 def test_full_checkpoint_loads_into_a_plain_module_without_the_copy(jobs):
-    """No strategy: the tied copy is not in the file, and the tie fills it (load with strict=False)."""
+    """No strategy: the tied copy is not in the file; the tie fills it (strict=False), or add_tied_copies adds
+    its entry for a strict load."""
     from workers.tied_checkpoint import TiedLlama
 
     module = TiedLlama()
@@ -126,6 +127,11 @@ def test_full_checkpoint_loads_into_a_plain_module_without_the_copy(jobs):
                                                  strict=False)
     assert (missing, unexpected) == ([HEAD], [])
     assert module.model.lm_head.weight.equal(jobs["pp"]["state_dict"][EMBEDDING])
+    from lightning_mp.checkpoint.tied import add_tied_copies
+
+    state = torch.load(jobs["dir"] / "pp.ckpt", weights_only=False)["state_dict"]
+    add_tied_copies(module, state)  # what a module's on_load_checkpoint does for a strict load
+    module.load_state_dict(state)
 
 
 @pytest.mark.parametrize("form", ["sharded", "full"])
@@ -146,5 +152,21 @@ def test_checkpoints_with_both_names_still_load(tmp_path, form):
     save_sharded(state, path, True, lambda: None) if form == "sharded" else save_full(state, path)
     module = TiedLlama()
     load_into(path, module, [], strict=True, tied=tied_names(module))
+    assert module.model.lm_head.weight is module.model.model.embed_tokens.weight
+    assert module.model.lm_head.weight.equal(saved.model.lm_head.weight)
+
+
+def test_the_llm_recipe_module_loads_a_checkpoint_without_the_copy_strictly():
+    """What CausalLM.load_from_checkpoint does (the generation script): on_load_checkpoint, then a strict load."""
+    from workers import tiny_hf
+
+    from lightning_mp.tasks.llm.module import CausalLM
+
+    config = tiny_hf.tiny_config("llama", tie_word_embeddings=True).to_dict()
+    saved = CausalLM(config)
+    checkpoint = {"state_dict": {k: v for k, v in saved.state_dict().items() if k != HEAD}}
+    module = CausalLM(config)
+    module.on_load_checkpoint(checkpoint)
+    module.load_state_dict(checkpoint["state_dict"])
     assert module.model.lm_head.weight is module.model.model.embed_tokens.weight
     assert module.model.lm_head.weight.equal(saved.model.lm_head.weight)

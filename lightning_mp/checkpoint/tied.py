@@ -11,6 +11,8 @@ GPT-2; for other models the first name ``named_parameters`` gives), and loading 
 holds from that entry. The same key set then comes out of every layout, and any layout resumes from it.
 
 The names are found once, on the unsplit model (before a pipeline split turns the tie into copies).
+A full checkpoint then lacks the copies' names, which a plain module's strict ``load_state_dict`` wants:
+:func:`add_tied_copies` in the module's ``on_load_checkpoint`` puts them back (the LLM recipe does).
 """
 
 from __future__ import annotations
@@ -71,3 +73,13 @@ def as_stored(state: dict[str, Any], tied: TiedNames, optimizer: bool = False) -
     for key, value in state.items():
         stored.setdefault(stored_key(key, tied, optimizer), value)
     return stored
+
+
+def add_tied_copies(module: nn.Module, state_dict: dict[str, Any]) -> None:
+    """Add the entry of every tied copy of ``module`` to a full state dict, from the kept entry (in place), so
+    that a plain module loads a checkpoint strictly. Call it from ``LightningModule.on_load_checkpoint``
+    (``add_tied_copies(self, checkpoint["state_dict"])``; under lightning_mp's strategy the checkpoint reaching
+    that hook has no ``state_dict``, and nothing is added)."""
+    for copy, kept in tied_names(module).items():
+        if kept in state_dict:
+            state_dict.setdefault(copy, state_dict[kept])
