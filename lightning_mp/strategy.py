@@ -34,6 +34,7 @@ from lightning_mp._compat import (
 from lightning_mp.checkpoint.hooks import CheckpointHooks
 from lightning_mp.parallel.step_hooks import StepHooks
 from lightning_mp.checkpoint.pretrained import load_pending, meta_outside, pending_sources
+from lightning_mp.checkpoint.tied import tied_names
 from lightning_mp.config import MeshShape, ParallelConfig, check_precision, progress_timeout_seconds
 from lightning_mp.processes.watch import FailureWatch
 from lightning_mp.parallel.token_weighting import TokenWeighting
@@ -163,6 +164,7 @@ class ModelParallelStrategy(CheckpointHooks, StepHooks, ParallelStrategy):
         self._data_mesh: Optional[DeviceMesh] = None
         self._pipeline: Optional[PipelineLoop] = None
         self._loss_parallel = False  # set when the model is parallelized
+        self._tied_names: dict[str, str] = {}
         self._failure_watch = FailureWatch(progress_timeout=progress_timeout_seconds(progress_timeout, timeout))
         self.num_nodes = 1
 
@@ -282,6 +284,8 @@ class ModelParallelStrategy(CheckpointHooks, StepHooks, ParallelStrategy):
 
     def _parallelize(self, module: pl.LightningModule) -> None:
         planned = self._resolve_plan(module)
+        # Only the unsplit model shows which names share one tensor; a pipeline makes them separate copies.
+        self._tied_names = tied_names(module)
         tw = self._token_weighting
         tw.shifted_labels = planned is not None and planned.plan.shifted_labels
         self._loss_parallel = planned is not None and self.parallel_config.loss_parallel and self.mesh_shape.tensor > 1

@@ -23,9 +23,10 @@ def clean_env() -> dict[str, str]:
 
 
 def run_worker(tmp_path: Path, *, devices: int = 1, layout: dict | None = None, strategy: str = "lightning_mp",
-               extra: tuple[str, ...] = (), launcher: tuple[str, ...] = (), timeout: int = 300) -> dict:
+               extra: tuple[str, ...] = (), launcher: tuple[str, ...] = (), timeout: int = 300,
+               script: str = "train.py") -> dict:
     out = tmp_path / f"result-{os.urandom(4).hex()}.pt"
-    cmd = [*(launcher or (sys.executable,)), str(WORKERS / "train.py"), "--out", str(out), "--devices", str(devices),
+    cmd = [*(launcher or (sys.executable,)), str(WORKERS / script), "--out", str(out), "--devices", str(devices),
            "--strategy", strategy, "--layout", json.dumps(layout or {}), *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=clean_env(), cwd=tmp_path)
     if proc.returncode != 0 or not out.exists():
@@ -40,14 +41,14 @@ def max_weight_difference(a: dict, b: dict) -> float:
 
 @pytest.fixture(scope="session")
 def reference_runs(tmp_path_factory):
-    """Single-process runs on the whole global batch, computed once per set of extra arguments."""
+    """Single-process runs on the whole global batch, computed once per worker script and extra arguments."""
     cache: dict[tuple[str, ...], dict] = {}
     base = tmp_path_factory.mktemp("reference")
 
-    def get(*extra: str) -> dict:
-        if extra not in cache:
-            cache[extra] = run_worker(base, strategy="none", extra=extra)
-        return cache[extra]
+    def get(*extra: str, script: str = "train.py") -> dict:
+        if (script, *extra) not in cache:
+            cache[(script, *extra)] = run_worker(base, strategy="none", extra=extra, script=script, timeout=600)
+        return cache[(script, *extra)]
 
     return get
 

@@ -11,8 +11,13 @@ gradient) grows to 1.6e-5 on OLMo-2 tp2 through the training dynamics. The data-
 test keeps lr 1 (2 layers: 4e-8 against 3.8e-3 when the labels are counted unshifted).
 
 Decoders train as causal LMs with plans derived from transformers' own tp/pp plans (plans/hf.py).
-Encoders (RoBERTa, DistilBERT) train as token classifiers with the shipped plans. Adding a family is one
-line in ``tests/workers/tiny_hf.py`` and one in ``FAMILY_LAYOUTS`` below.
+Encoders (RoBERTa, DistilBERT) train as token classifiers with the shipped plans.
+
+Every family runs tp2, pp2 (1f1b), dp2×tp2 and pp2×tp2. One multi-process launch per layout trains every
+family in turn in the same processes (``workers/hf_matrix.py``, one Trainer per family), against one
+single-process launch for all of them: starting 2-4 ranks costs as much as training a tiny model, and the
+suite runs on 2 cores. Adding a family is one line in ``tests/workers/tiny_hf.py`` and one in
+``MATRIX_FAMILIES`` below.
 """
 
 from __future__ import annotations
@@ -27,42 +32,53 @@ FOUR_LAYERS = ("--layers", "4", "--optimizer", "sgd", "--lr", "0.1")
 # Pipelines with data parallelism need equal batch widths across data-parallel peers for now.
 FIXED_WIDTH = ("--fixed-width",)
 
+MATRIX_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma3", "phi3", "olmo2", "gpt2", "roberta", "distilbert")
+MATRIX = ("--families", ",".join(MATRIX_FAMILIES), *FOUR_LAYERS)
+# Each layout exercises every family's own pieces: tensor-parallel styles (Qwen3's and Gemma 3's
+# head-sharded norms, Phi-3's and OLMo-2's gathered projections, GPT-2's transposed Conv1D), stage functions
+# (Gemma 3: sliding-window and full layers with their own rotary embeddings, soft-capped logits), and with
+# dp2 the token weighting over ranks whose batches have different widths and label counts.
 LAYOUTS = {
-    "tp2": (2, {"tensor_parallel_size": 2}, ()),
-    "pp2_1f1b": (2, {"pipeline_parallel_size": 2, "pipeline_schedule": "1f1b", "microbatches": 4}, ()),
-    "dp2xtp2": (4, {"data_parallel_size": 2, "tensor_parallel_size": 2}, ()),
+    "tp2": (2, {"tensor_parallel_size": 2}),
+    "pp2_1f1b": (2, {"pipeline_parallel_size": 2, "pipeline_schedule": "1f1b", "microbatches": 4}),
+    "dp2xtp2": (4, {"data_parallel_size": 2, "tensor_parallel_size": 2}),
     "pp2xtp2": (4, {"pipeline_parallel_size": 2, "tensor_parallel_size": 2, "data_parallel_size": 1,
-                    "microbatches": 4}, ()),
-    "pp2xdp2xtp2": (8, {"pipeline_parallel_size": 2, "data_parallel_size": 2, "tensor_parallel_size": 2,
-                        "microbatches": 4}, FIXED_WIDTH),
+                    "microbatches": 4}),
 }
 
-# Llama runs the whole matrix. Every other family runs pp2×tp2, which exercises its tensor-parallel
-# styles (Qwen3's and Gemma 3's head-sharded norms, Phi-3's and OLMo-2's gathered projections, GPT-2's
-# transposed Conv1D) and its stage functions together (Gemma 3: sliding-window and full layers with their
-# own rotary embeddings, soft-capped logits) in one run — one multi-process start per family keeps the
-# suite's time modest on 2 cores.
-FAMILY_LAYOUTS = {
-    "llama": list(LAYOUTS),
-    **{family: ["pp2xtp2"] for family in ("qwen2", "qwen3", "mistral", "gemma3", "phi3", "olmo2", "gpt2", "roberta",
-                                          "distilbert")},
-}
-CASES = [(family, layout) for family, layouts in FAMILY_LAYOUTS.items() for layout in layouts]
+
+def parity(result: dict, reference: dict) -> tuple[float, float]:
+    """(largest loss difference over the steps, largest weight difference after them)."""
+    assert len(result["losses"]) == len(reference["losses"]) == 3
+    losses = max(abs(a - b) for a, b in zip(result["losses"], reference["losses"]))
+    return losses, max_weight_difference(result["state_dict"], reference["state_dict"])
 
 
 def assert_matches(result: dict, reference: dict) -> None:
-    losses = max(abs(a - b) for a, b in zip(result["losses"], reference["losses"]))
-    weights = max_weight_difference(result["state_dict"], reference["state_dict"])
+    losses, weights = parity(result, reference)
     print(f"parity: losses {losses:.1e}, weights {weights:.1e}")  # shown with -s / -rP: the measured numbers
     assert result["losses"] == pytest.approx(reference["losses"], abs=FP32_TOLERANCE)
     assert weights < FP32_TOLERANCE
 
 
-@pytest.mark.parametrize("family,layout", CASES, ids=[f"{f}-{l}" for f, l in CASES])
-def test_family_layout_matches_single_process(family, layout, tmp_path, reference_runs):
-    devices, kwargs, data = LAYOUTS[layout]
-    extra = ("--family", family, *FOUR_LAYERS, *data)
-    assert_matches(run_worker(tmp_path, devices=devices, layout=kwargs, extra=extra), reference_runs(*extra))
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_every_family_matches_single_process(layout, tmp_path, reference_runs):
+    devices, kwargs = LAYOUTS[layout]
+    results = run_worker(tmp_path, devices=devices, layout=kwargs, extra=MATRIX, script="hf_matrix.py", timeout=900)
+    reference = reference_runs(*MATRIX, script="hf_matrix.py")
+    assert set(results) == set(reference) == set(MATRIX_FAMILIES)
+    measured = {family: parity(results[family], reference[family]) for family in MATRIX_FAMILIES}
+    print(f"\nparity under {layout} (max |difference|: losses over 3 steps, weights after them):")
+    for family, (losses, weights) in measured.items():
+        print(f"  {family:<11} losses {losses:.1e}  weights {weights:.1e}")
+    failed = {family: numbers for family, numbers in measured.items() if max(numbers) >= FP32_TOLERANCE}
+    assert not failed, f"{layout}: families off by more than {FP32_TOLERANCE:g} (losses, weights): {failed}"
+
+
+def test_llama_pipeline_data_and_tensor_parallel_on_8_ranks(tmp_path, reference_runs):
+    extra = ("--family", "llama", *FOUR_LAYERS, *FIXED_WIDTH)
+    layout = {"pipeline_parallel_size": 2, "data_parallel_size": 2, "tensor_parallel_size": 2, "microbatches": 4}
+    assert_matches(run_worker(tmp_path, devices=8, layout=layout, extra=extra), reference_runs(*extra))
 
 
 def test_causal_lm_data_parallel_counts_shifted_labels(tmp_path, reference_runs):

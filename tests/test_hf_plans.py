@@ -134,3 +134,13 @@ def test_encoder_families_get_shipped_plans(family, prefix):
     _, _, plan = find_plan(tiny_hf.tiny_model(family))
     assert plan.blocks.startswith(prefix) and plan.tensor_parallel and plan.pipeline is not None
     assert not plan.shifted_labels
+
+
+@pytest.mark.parametrize("family,kept", [("llama", "model.model.embed_tokens.weight"), ("gpt2", "model.transformer.wte.weight")])
+def test_checkpoints_keep_the_tied_name_save_pretrained_keeps(family, kept):
+    from lightning_mp.checkpoint.tied import stored_key, tied_names
+
+    module = tiny_hf.TinyHFModule(family, tie_word_embeddings=True)
+    assert tied_names(module) == {"model.lm_head.weight": kept}
+    assert stored_key("state.model.lm_head.weight.exp_avg", tied_names(module), optimizer=True) == f"state.{kept}.exp_avg"
+    assert tied_names(tiny_hf.TinyHFModule(family)) == {}

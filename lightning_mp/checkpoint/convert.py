@@ -5,7 +5,8 @@
 
 Both forms hold the same entries under the same names (see ``lightning_mp.checkpoint``), so either
 loads into any layout; the full file also loads into a plain LightningModule
-(``Module.load_from_checkpoint``, or ``torch.load(path)["state_dict"]``). The output appears only when
+(``Module.load_from_checkpoint``, or ``torch.load(path)["state_dict"]``; with ``strict=False`` for a model
+with tied weights, which are stored once: see ``tied.py``). The output appears only when
 complete; an existing output is refused unless ``--overwrite``.
 """
 

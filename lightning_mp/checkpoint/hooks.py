@@ -14,6 +14,7 @@ from lightning_mp.checkpoint.io import save_full, save_sharded
 from lightning_mp.checkpoint.rng import restore_rng_states, with_rng_states
 from lightning_mp.checkpoint.state import load_into, model_state
 from lightning_mp.checkpoint.state import optimizer_state as flattened_optimizer_state
+from lightning_mp.checkpoint.tied import TiedNames
 from lightning_mp.processes.watch import FailureWatch
 
 
@@ -23,18 +24,20 @@ class CheckpointHooks:
 
     _save_distributed_checkpoint: bool
     _failure_watch: FailureWatch
+    _tied_names: TiedNames  # stored once, under the name save_pretrained keeps (checkpoint/tied.py)
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
         assert self.model is not None
         with self._failure_watch.paused():
-            return model_state(self.model, full=not self._save_distributed_checkpoint, pipeline_group=self.pipeline_group)
+            return model_state(self.model, full=not self._save_distributed_checkpoint, pipeline_group=self.pipeline_group,
+                               tied=self._tied_names)
 
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
         optimizer = unwrap_optimizer(optimizer)
         assert self.model is not None
         with self._failure_watch.paused():
             return flattened_optimizer_state(self.model, optimizer, full=not self._save_distributed_checkpoint,
-                                             pipeline_group=self.pipeline_group)
+                                             pipeline_group=self.pipeline_group, tied=self._tied_names)
 
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
         pass  # already loaded into the sharded model by load_checkpoint
@@ -58,7 +61,8 @@ class CheckpointHooks:
         assert self.model is not None and self.lightning_module is not None
         with self._failure_watch.paused():
             path = Path(self.broadcast(str(checkpoint_path)))
-            rest = load_into(path, self.model, self.optimizers, self.lightning_module.strict_loading, weights_only)
+            rest = load_into(path, self.model, self.optimizers, self.lightning_module.strict_loading, weights_only,
+                             tied=self._tied_names)
             restore_rng_states(rest)
             self.barrier()
         return rest

@@ -6,6 +6,9 @@ and optimizer state is torch's *flattened* form, keyed by the same FQNs (``state
 ``param_groups.<fqn>.lr``) instead of by position in one rank's ``param_groups``. So a checkpoint written
 with pipeline × tensor parallelism on 4 ranks loads into data parallelism on 2, or into one device.
 
+Tied parameters are stored once (``tied.py``): with ``tied`` given, saving leaves out the entries of tied
+copies and loading reads every copy from the kept entry.
+
 Loading checks the checkpoint against the model first and names missing, unexpected and mis-shaped
 entries; a truncated or corrupted file is reported with its path.
 """
@@ -44,27 +47,34 @@ from lightning_mp.checkpoint.io import (
     read_full,
     without_single_process_warning,
 )
+from lightning_mp.checkpoint.tied import TiedNames, as_stored, stored_key, without_copies
 
 # Under a pipeline the full state is assembled from the sharded one entry by entry (see _merge_on_rank_zero).
 _SHARDED = StateDictOptions(full_state_dict=False, cpu_offload=False, flatten_optimizer_state_dict=True)
 
 
-def model_state(model: nn.Module, full: bool, pipeline_group: dist.ProcessGroup | None = None) -> dict[str, Any]:
+def model_state(model: nn.Module, full: bool, pipeline_group: dist.ProcessGroup | None = None,
+                tied: TiedNames | None = None) -> dict[str, Any]:
     """The model's state dict; ``full`` gathers every shard (collective). Under pipeline parallelism each
     rank holds other parameters: with ``pipeline_group`` a full state dict is merged over the pipeline on
-    global rank 0 (the others get ``{}``)."""
+    global rank 0 (the others get ``{}``). With ``tied``, tied copies are left out (a checkpoint's form)."""
+    tied = tied or {}
     if not (full and pipeline_group is not None):
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=full, cpu_offload=full))
-    return _merge_on_rank_zero(get_model_state_dict(model, options=_SHARDED), pipeline_group)
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=full, cpu_offload=full))
+        return without_copies(state, tied)
+    return _merge_on_rank_zero(without_copies(get_model_state_dict(model, options=_SHARDED), tied), pipeline_group)
 
 
 def optimizer_state(model: nn.Module, optimizer: Optimizer, full: bool,
-                    pipeline_group: dist.ProcessGroup | None = None) -> dict[str, Any]:
-    """The optimizer's state, flattened and keyed by parameter FQNs; merged like :func:`model_state`."""
+                    pipeline_group: dist.ProcessGroup | None = None, tied: TiedNames | None = None) -> dict[str, Any]:
+    """The optimizer's state, flattened and keyed by parameter FQNs; merged like :func:`model_state`. A tied
+    copy's state (the last stage's, equal to the first stage's) is left out with ``tied``."""
+    tied = tied or {}
     if not (full and pipeline_group is not None):
         options = StateDictOptions(full_state_dict=full, cpu_offload=full, flatten_optimizer_state_dict=True)
-        return get_optimizer_state_dict(model, optimizer, options=options)
-    return _merge_on_rank_zero(get_optimizer_state_dict(model, optimizer, options=_SHARDED), pipeline_group)
+        return without_copies(get_optimizer_state_dict(model, optimizer, options=options), tied, optimizer=True)
+    state = without_copies(get_optimizer_state_dict(model, optimizer, options=_SHARDED), tied, optimizer=True)
+    return _merge_on_rank_zero(state, pipeline_group)
 
 
 _HOST = torch.device("cpu")  # host memory: where a full checkpoint is assembled, whatever the compute device
@@ -130,13 +140,19 @@ def _under(prefix: str, entries: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_into(path: Path, model: nn.Module, optimizers: list[Optimizer], strict: bool,
-              weights_only: bool | None = None) -> dict[str, Any]:
+              weights_only: bool | None = None, tied: TiedNames | None = None) -> dict[str, Any]:
     """Load model (and, when ``optimizers`` are given, optimizer) state into the live, parallelized objects
-    of any layout; return the rest of the checkpoint (loops, callbacks, schedulers, ...)."""
+    of any layout; return the rest of the checkpoint (loops, callbacks, schedulers, ...). With ``tied``,
+    every tied copy this rank holds is read from the kept entry."""
     require_checkpoint(path)
-    wanted_model = model_state(model, full=False)
-    wanted_optim = [optimizer_state(model, optimizer, full=False) for optimizer in optimizers]
-    everyone = _everyone_wants(set(wanted_model))
+    tied = tied or {}
+    live_model = model_state(model, full=False)
+    live_optim = [optimizer_state(model, optimizer, full=False) for optimizer in optimizers]
+    # What to read, under the checkpoint's names (the live tensors; DCP reads into them in place).
+    wanted_model = as_stored(live_model, tied)
+    wanted_optim = [as_stored(state, tied, optimizer=True) for state in live_optim]
+    # Copies saved before tied weights were stored once are not unexpected: they are left unread.
+    everyone = _everyone_wants(set(wanted_model)) | set(tied)
     if is_sharded_checkpoint(path):
         entries = sharded_entries(path)
         check_entries(path, wanted_model, _under(MODEL_KEY, entries), "model", strict, everyone)
@@ -155,17 +171,18 @@ def load_into(path: Path, model: nn.Module, optimizers: list[Optimizer], strict:
             rest = torch.load(path / META_FILE, weights_only=bool(weights_only))
         except (Exception, CheckpointException) as error:  # CheckpointException is a BaseException
             raise CheckpointMismatchError(f"cannot read the sharded checkpoint {path}: {last_line(error)}") from error
-        set_model_state_dict(model, state[MODEL_KEY], options=StateDictOptions(strict=strict))
+        loaded_model = _as_live(live_model, state[MODEL_KEY], tied)
+        set_model_state_dict(model, loaded_model, options=StateDictOptions(strict=strict))
         for index, optimizer in enumerate(optimizers):
-            set_optimizer_state_dict(model, optimizer, state[f"optimizer_{index}"],
-                                     options=StateDictOptions(flatten_optimizer_state_dict=True))
+            loaded = _as_live(live_optim[index], state[f"optimizer_{index}"], tied, optimizer=True)
+            set_optimizer_state_dict(model, optimizer, loaded, options=StateDictOptions(flatten_optimizer_state_dict=True))
         return rest
     checkpoint = read_full(path, weights_only)
     weights = checkpoint.pop(MODEL_KEY)
     check_entries(path, wanted_model, {k: shape_of(v) for k, v in weights.items()}, "model", strict, everyone)
     # Under a pipeline this rank holds only its stages: it takes their entries.
     full = StateDictOptions(full_state_dict=True, strict=strict)
-    set_model_state_dict(model, {k: v for k, v in weights.items() if k in wanted_model}, options=full)
+    set_model_state_dict(model, _as_live(live_model, weights, tied), options=full)
     saved_optim = checkpoint.pop(OPTIMIZER_KEY, [])
     if optimizers and len(saved_optim) < len(optimizers):
         raise CheckpointMismatchError(f"checkpoint {path} holds state for {len(saved_optim)} optimizers, the module"
@@ -175,9 +192,16 @@ def load_into(path: Path, model: nn.Module, optimizers: list[Optimizer], strict:
                       {k: shape_of(v) for k, v in saved.items()}, f"optimizer {index}", strict=False)
         # torch's full_state_dict loading does not take the flattened form, so the full tensors are cut into
         # this rank's shards here and loaded like a sharded checkpoint.
-        local = {key: shard_like(saved[key], value) for key, value in wanted.items() if key in saved}
+        local = {key: shard_like(saved[stored], value) for key, value in live_optim[index].items()
+                 if (stored := stored_key(key, tied, optimizer=True)) in saved}
         set_optimizer_state_dict(model, optimizer, local, options=StateDictOptions(flatten_optimizer_state_dict=True))
     return checkpoint
+
+
+def _as_live(live: dict[str, Any], stored: dict[str, Any], tied: TiedNames, optimizer: bool = False) -> dict[str, Any]:
+    """The entries read under checkpoint names (``stored``), keyed by this rank's names again: each tied copy
+    gets the kept entry's value. Names the checkpoint does not hold are left out (checked before)."""
+    return {key: stored[name] for key in live if (name := stored_key(key, tied, optimizer)) in stored}
 
 
 def shard_like(full: Any, template: Any) -> Any:

@@ -103,7 +103,9 @@ class PaddedTokens(Dataset):
 def collate(rows: list[dict[str, torch.Tensor]], fixed_width: bool = False) -> dict[str, torch.Tensor]:
     batch = {key: torch.stack([row[key] for row in rows]) for key in rows[0]}
     width = SEQ if fixed_width else int(batch["attention_mask"].sum(1).max())
-    return {key: value[:, :width] for key, value in batch.items()}
+    # Contiguous, as a tokenizer's padded batch is: RoBERTa's and DistilBERT's token-classification losses
+    # call ``labels.view(-1)``, which a column slice of the full-width rows cannot serve.
+    return {key: value[:, :width].contiguous() for key, value in batch.items()}
 
 
 def loader(family: str, batch_size: int, size: int = 64, single_process: bool = False,

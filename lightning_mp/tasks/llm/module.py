@@ -99,6 +99,14 @@ class CausalLM(L.LightningModule):
         self.log("val_perplexity", torch.exp(self.val_nll.compute()), sync_dist=True)
         self.val_nll.reset()
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # A tied weight is stored once (lightning_mp/checkpoint/tied.py); a plain load_from_checkpoint (the
+        # generation script) loads strictly and wants the lm_head name too.
+        from lightning_mp.checkpoint.tied import add_tied_copies
+
+        if "state_dict" in checkpoint:
+            add_tied_copies(self, checkpoint["state_dict"])
+
     def configure_optimizers(self) -> Any:
         """AdamW (no weight decay on < 2-D parameters: norms), linear warmup then cosine decay to 10%."""
         decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim >= 2]
