@@ -44,7 +44,12 @@ LAYOUTS = {
     "dp2xtp2": (4, {"data_parallel_size": 2, "tensor_parallel_size": 2}),
     "pp2xtp2": (4, {"pipeline_parallel_size": 2, "tensor_parallel_size": 2, "data_parallel_size": 1,
                     "microbatches": 4}),
+    # Sequence parallelism (tests/test_sequence_and_loss_parallel.py checks that the block outputs are
+    # sequence shards): every family with a sequence-parallel plan.
+    "tp2_sequence_parallel": (2, {"tensor_parallel_size": 2, "sequence_parallel": True}),
 }
+# GPT-2 and DistilBERT have no sequence-parallel plan (refused before launch).
+FAMILIES_OF = {"tp2_sequence_parallel": tuple(f for f in MATRIX_FAMILIES if f not in ("gpt2", "distilbert"))}
 
 
 def parity(result: dict, reference: dict) -> tuple[float, float]:
@@ -64,10 +69,12 @@ def assert_matches(result: dict, reference: dict) -> None:
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_every_family_matches_single_process(layout, tmp_path, reference_runs):
     devices, kwargs = LAYOUTS[layout]
-    results = run_worker(tmp_path, devices=devices, layout=kwargs, extra=MATRIX, script="hf_matrix.py", timeout=900)
+    families = FAMILIES_OF.get(layout, MATRIX_FAMILIES)
+    extra = ("--families", ",".join(families), *FOUR_LAYERS)
+    results = run_worker(tmp_path, devices=devices, layout=kwargs, extra=extra, script="hf_matrix.py", timeout=900)
     reference = reference_runs(*MATRIX, script="hf_matrix.py")
-    assert set(results) == set(reference) == set(MATRIX_FAMILIES)
-    measured = {family: parity(results[family], reference[family]) for family in MATRIX_FAMILIES}
+    assert set(results) == set(families) and set(reference) == set(MATRIX_FAMILIES)
+    measured = {family: parity(results[family], reference[family]) for family in families}
     print(f"\nparity under {layout} (max |difference|: losses over 3 steps, weights after them):")
     for family, (losses, weights) in measured.items():
         print(f"  {family:<11} losses {losses:.1e}  weights {weights:.1e}")

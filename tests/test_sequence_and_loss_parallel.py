@@ -55,8 +55,8 @@ def test_loss_parallel_with_a_pipeline_is_refused_before_launch(no_child_process
 
 # Sequence parallelism: norms, dropouts and the residual stream on sequence shards between the tensor-parallel
 # regions. With loss parallelism on too at dp2×tp2: the sequence-sharded final norm feeds the vocabulary-sharded head.
+# tp2 alone runs for every family with a plan in tests/test_hf_parity.py.
 SEQUENCE_PARALLEL = {
-    "tp2": (2, {"tensor_parallel_size": 2, "sequence_parallel": True}),
     "dp2xtp2_loss_parallel": (4, {"tensor_parallel_size": 2, "data_parallel_size": 2, "sequence_parallel": True,
                                   "loss_parallel": True}),
     # Post-norm, residual inside the attention/FFN output modules; AdamW, as the other BERT parity tests.
