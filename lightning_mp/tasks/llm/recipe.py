@@ -64,6 +64,13 @@ def architecture(cfg: DictConfig, original_cwd: Path) -> Any:
     return model_config(cfg)
 
 
+def model_shape(cfg: DictConfig, original_cwd: Path) -> Any:
+    """The planner's shape of the model (read from its config only: no weights, no GGUF tensors)."""
+    from lightning_mp.planner import shape_from_config
+
+    return shape_from_config(architecture(cfg, original_cwd))
+
+
 def check_config(cfg: DictConfig, original_cwd: Path) -> None:
     """Fail on bad overrides at once, before weights are loaded or processes started: the strategy's own
     checks on the model built on the meta device (degrees, heads and KV heads, layers per stage, batch)."""
