@@ -8,7 +8,8 @@
   may be smaller or empty); a pipeline rank holds only its stages (split by
   ``pipeline.split.balance_split`` on parameter counts, as the strategy does), and a head tied to the
   embedding is a second copy on the last stage when the model is pipelined (``pipeline/tied.py``).
-  Gradients match parameters; AdamW keeps two tensors per parameter.
+  Gradients match parameters (except a vocabulary-parallel embedding's without FSDP: whole, see
+  ``_rank_elements``); AdamW keeps two tensors per parameter.
 - activations: what autograd keeps for backward, per layer and microbatch, counted by the shape
   (``layer_activations``: BERT below, decoders in ``planner/shapes.py``), plus what the embeddings /
   head / rotary tables keep on the stages that hold them (``stage_activation_bytes``).
@@ -63,7 +64,7 @@ def chunk_size(n: int, parts: int, index: int) -> int:
 
 def _local_elements(shape: tuple[int, ...], style: str, tensor: int, t: int, shard: int, d: int) -> int:
     dims = list(shape)
-    if tensor > 1 and style == "colwise":
+    if tensor > 1 and style in ("colwise", "vocab"):  # vocab: an embedding's rows (vocabulary-parallel lookup)
         dims[0] = chunk_size(dims[0], tensor, t)
     elif tensor > 1 and style == "rowwise" and len(dims) > 1:
         dims[1] = chunk_size(dims[1], tensor, t)
@@ -124,13 +125,21 @@ def _part_tensors(model: Shape, layout: Layout, part: dict[str, Any]) -> list[tu
     return held
 
 
-def _rank_elements(held: list[tuple[list, int]], layout: Layout, t: int, d: int) -> int:
-    return sum(times * sum(_local_elements(shape, style, layout.tensor, t, layout.shard, d) for shape, style in tensors)
+def _rank_elements(held: list[tuple[list, int]], layout: Layout, t: int, d: int, gradient: bool = False) -> int:
+    def style_of(style: str) -> str:
+        # Without FSDP (one data-parallel rank) nothing reshapes gradients: a vocabulary-parallel embedding's
+        # gradient comes out of DTensor's embedding backward replicated, the whole table on every tensor
+        # rank (measured). FSDP's reduce-scatter gives it the parameter's sharding.
+        return "replicated" if gradient and style == "vocab" and layout.data == 1 else style
+
+    return sum(times * sum(_local_elements(shape, style_of(style), layout.tensor, t, layout.shard, d)
+                           for shape, style in tensors)
                for tensors, times in held)
 
 
-def _state(elements: int, per_element: int) -> dict[str, int]:
-    return {"parameters": elements * per_element, "gradients": elements * per_element,
+def _state(held: list[tuple[list, int]], layout: Layout, t: int, d: int, per_element: int) -> dict[str, int]:
+    elements = _rank_elements(held, layout, t, d)
+    return {"parameters": elements * per_element, "gradients": _rank_elements(held, layout, t, d, True) * per_element,
             "optimizer": 2 * elements * per_element}
 
 
@@ -143,14 +152,14 @@ def state_bytes(model: Shape, layout: Layout, precision: str = "32-true") -> lis
     for part in stage_parts(model, layout):
         held = _part_tensors(model, layout, part)
         for d, t in itertools.product(range(layout.shard), range(layout.tensor)):
-            ranks += [_state(_rank_elements(held, layout, t, d), per_element)] * replicas
+            ranks += [_state(held, layout, t, d, per_element)] * replicas
     return ranks
 
 
 def fullest_state_bytes(model: Shape, layout: Layout, precision: str = "32-true") -> list[dict[str, int]]:
     """Per pipeline rank, the state of its fullest rank: data shard 0, tensor rank 0 (``torch.chunk`` gives
     the first piece the largest size of every tensor), without enumerating every rank of a large world."""
-    return [_state(_rank_elements(_part_tensors(model, layout, part), layout, 0, 0), PARAM_BYTES[precision])
+    return [_state(_part_tensors(model, layout, part), layout, 0, 0, PARAM_BYTES[precision])
             for part in stage_parts(model, layout)]
 
 

@@ -2,8 +2,8 @@
 that reads any supported config (``shape_from_config``).
 
 Parameters are listed tensor by tensor as the strategy cuts them (``plans/hf.py`` maps transformers'
-own ``base_model_tp_plan``: q/k/v and gate/up column-wise, o/down row-wise, ``lm_head`` column-wise
-over the vocabulary when untied; embeddings, norms and a tied head replicated).
+own tp plans: q/k/v and gate/up column-wise, o/down row-wise, the untied ``lm_head`` column-wise and
+the untied embedding row-wise, both over the vocabulary; norms and tied embeddings/head replicated).
 
 Activations: what autograd keeps for backward, counted tensor by tensor for transformers' decoder layer
 (``LlamaDecoderLayer`` and its copies) with PyTorch's fused attention, checked against saved-tensor
@@ -130,7 +130,9 @@ class DecoderShape:
         return tensors
 
     def embedding_tensors(self) -> Tensors:
-        return [((self.vocab, self.hidden), "replicated")]
+        # transformers' plans split an untied embedding over the vocabulary (``embedding_rowwise``); a tied
+        # one stays whole, like its head.
+        return [((self.vocab, self.hidden), "replicated" if self.tied else "vocab")]
 
     def head_tensors(self, pipelined: bool = True) -> Tensors:
         """Final norm and ``lm_head``. A tied head is the embedding's own tensor in one model (not counted
@@ -180,7 +182,8 @@ class DecoderShape:
         n = b * s
         total = 2 * s * self.head_dim * element
         total += n * 8 if first else 0
-        total += (n * self.hidden * (4 + 2 * element) + 4 * n + n * self.vocab * 4 + n * 8) if last else 0
+        # Last: the final norm, the fp32 log-probabilities, the shifted labels and the loss's fp32 total weight.
+        total += (n * self.hidden * (4 + 2 * element) + 4 * n + n * self.vocab * 4 + n * 8 + 4) if last else 0
         return total
 
 
