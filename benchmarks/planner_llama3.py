@@ -50,7 +50,7 @@ def rows(name: str, memory_gb: float = 80.0) -> list[str]:
         try:
             best, ranked = choose(model, cluster, batch, SEQ)
         except ValueError:
-            smallest = min(memory(model, Layout(gpus, 1, 1), batch, SEQ).state, 10**18)
+            smallest = memory(model, Layout(gpus, 1, 1), batch, SEQ, "bf16-mixed").state
             lines.append(f"| {gpus} | nothing fits (state alone {gib(smallest)} GiB per GPU fully sharded) | | | | | | |")
             continue
         fits = [c for c in ranked if c.rejected is None]
@@ -67,7 +67,7 @@ def published() -> list[str]:
     for name, gpus, memory_gb, layout in PUBLISHED:
         model, batch = shape(name), MODELS[name][1]
         cluster = Cluster(devices_per_node=8, num_nodes=gpus // 8, device_memory_gb=memory_gb)
-        m = memory(model, layout, batch, SEQ)
+        m = memory(model, layout, batch, SEQ, "bf16-mixed")
         t = step_time(model, layout, cluster, batch, SEQ)
         best, ranked = choose(model, cluster, batch, SEQ)
         rank = next((i for i, c in enumerate(ranked) if c.layout == layout), None)

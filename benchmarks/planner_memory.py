@@ -127,7 +127,7 @@ def worker(name: str, out: str, family: str = "bert") -> None:
 
         def __init__(self) -> None:
             self.live, self.peak, self.refs = 0, 0, {}
-            self.held_between_steps, self.peak_in_step = 0, 0  # the latter: above what a step started with
+            self.held_between_steps = 0
             self.hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
 
         def pack(self, tensor):
@@ -140,7 +140,6 @@ def worker(name: str, out: str, family: str = "bert") -> None:
             if count == 0:
                 self.live += size
                 self.peak = max(self.peak, self.live)
-                self.peak_in_step = max(self.peak_in_step, self.live - self.at_start)
             self.refs[key] = (count + 1, size)
             return _Held(tensor, key, self)
 
@@ -161,7 +160,6 @@ def worker(name: str, out: str, family: str = "bert") -> None:
                 self.refs[key] = (count - 1, size)
 
         def on_train_batch_start(self, *_):
-            self.at_start = self.live
             self.held_between_steps = max(self.held_between_steps, self.live)
             self.hooks.__enter__()
 
@@ -205,7 +203,7 @@ def worker(name: str, out: str, family: str = "bert") -> None:
     grads = sum((p.grad._local_tensor if isinstance(p.grad, DTensor) else p.grad).nbytes
                 for p in module.parameters() if p.grad is not None)
     mine = {"parameters": local["parameters"], "gradients": grads,
-            "optimizer": local["optimizer"], "activations": saved.peak, "in_step": saved.peak_in_step,
+            "optimizer": local["optimizer"], "activations": saved.peak,
             "held_between_steps": saved.held_between_steps}
     ranks = [None] * trainer.world_size
     if trainer.world_size > 1:
@@ -233,7 +231,6 @@ def measure(name: str, family: str = "bert") -> dict:
     out.unlink()
     return {"state_per_rank": [r["parameters"] + r["gradients"] + r["optimizer"] for r in ranks],
             "activations": max(r["activations"] for r in ranks),
-            "activations_in_step": max(r["in_step"] for r in ranks),
             "held_between_steps": max(r["held_between_steps"] for r in ranks),
             "peak": max(r["parameters"] + r["gradients"] + r["optimizer"] + r["activations"] for r in ranks)}
 
@@ -245,7 +242,6 @@ def compare(names: list[str], family: str = "bert") -> list[dict]:
         rows.append({"layout": name, "predicted": predicted, "measured": measured,
                      "state_exact": sorted(predicted["state_per_rank"]) == sorted(measured["state_per_rank"]),
                      "activation_ratio": predicted["activations"] / measured["activations"],
-                     "in_step_ratio": predicted["activations"] / measured["activations_in_step"],
                      "peak_ratio": predicted["peak"] / measured["peak"]})
     return rows
 
