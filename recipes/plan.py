@@ -14,6 +14,7 @@ time and, for layouts that do not qualify, why. The first row is what parallel=a
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import hydra
@@ -44,12 +45,15 @@ def main(cfg: DictConfig) -> None:
                       device_memory_gb=float(cfg.device_memory_gb))
     batch = int(cfg.batch_size)
     model = model_shape(cfg)
+    start = time.perf_counter()
     best, ranked = choose(model, cluster, batch, int(cfg.seq_len), str(cfg.precision))
+    planned_in = time.perf_counter() - start
     print(f"{cfg.model.name}: {model.parameters() / 1e6:,.0f}M parameters, {cluster.world_size} devices"
           f" ({t.devices} per node × {t.num_nodes} nodes, {cfg.device_memory_gb:g} GB each), global batch {batch}"
           f" × {cfg.seq_len} tokens, {cfg.precision}\n")
     print(format_table(ranked, int(cfg.show)))
     print(f"\nchosen: {best.layout.describe()}\n  ModelParallelStrategy(**{best.layout.strategy_kwargs()})")
+    print(f"({len(ranked)} layouts considered in {planned_in:.1f} s)")
 
 
 if __name__ == "__main__":
