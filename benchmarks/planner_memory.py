@@ -141,7 +141,11 @@ def worker(name: str, out: str, family: str = "bert") -> None:
                 self.live += size
                 self.peak = max(self.peak, self.live)
             self.refs[key] = (count + 1, size)
-            return _Held(tensor, key, self)
+            # Hold a detached alias (same storage): holding the tensor itself would, for a tensor saved by the
+            # op that produced it, make a cycle (its grad_fn holds this object, this object holds it) that only
+            # a backward breaks — so a forward never followed by a backward (torch's shape-inference forward on
+            # the first pipeline stage) would stay alive because of the measurement alone.
+            return _Held(tensor.detach(), key, self)
 
         def parameter_storages(self):
             # Read at every pack: FSDP swaps sharded and gathered (unsharded) parameters during a step.

@@ -184,13 +184,5 @@ def test_memory_model_matches_real_llama_jobs(layout):
     (row,) = compare([layout], "llama")
     predicted, measured = row["predicted"], row["measured"]
     assert row["state_exact"], (predicted["state_per_rank"], measured["state_per_rank"])
-    if layout.startswith("pp") and measured["held_between_steps"] > 0:
-        # Known, reported, not modelled: under the HF decoder's pipeline plan the first stage keeps part of
-        # the graph of torch's metadata-inference forward (first step; no backward follows it on the first
-        # stage) for the whole run: 425 KiB here, a layer and a half of saved tensors, held from C++ (no
-        # Python object refers to it); BERT's pipeline plan does not. When it is fixed this branch stops
-        # being taken and the peak is checked below. docs/planner.md has the trace.
-        pytest.xfail(f"first pipeline stage holds {measured['held_between_steps']} bytes of autograd state"
-                     f" between steps (peak ratio {row['peak_ratio']:.2f})")
     assert measured["held_between_steps"] == 0
     assert abs(row["activation_ratio"] - 1) < 0.01 and abs(row["peak_ratio"] - 1) < 0.01, row
