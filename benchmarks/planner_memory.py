@@ -1,9 +1,11 @@
 """The planner's memory model against measurement, per rank, on CPU processes.
 
-    python benchmarks/planner_memory.py          # prints a table, writes benchmarks/results/planner_memory.json
+    python benchmarks/planner_memory.py                  # BERT: table, benchmarks/results/planner_memory.json
+    python benchmarks/planner_memory.py --family llama   # tiny Llama (GQA): planner_memory_llama.json
 
-For several layouts of a small BERT token classifier, a real job under ModelParallelStrategy trains a
-few steps and every rank measures:
+For several layouts of a small BERT token classifier or a small Llama causal LM (4 heads / 2 KV heads,
+SwiGLU, RMSNorm, rotary, untied head), a real job under ModelParallelStrategy trains a few steps and
+every rank measures:
 
 - parameter, gradient and AdamW bytes it holds (its local shards) — must equal the prediction exactly;
 - the peak bytes autograd keeps for backward during a step (``saved_tensors_hooks``, counted once per
@@ -29,6 +31,8 @@ RESULTS = Path(__file__).parent / "results"
 # Dropout off: on CPU, attention dropout sends PyTorch to the math attention kernel, which stores the s × s
 # scores that GPU (fused) attention never keeps; the memory model targets the GPU path.
 SHAPE = dict(layers=4, hidden=64, heads=4, intermediate=128, vocab=1000, positions=64, labels=9, dropout=False)
+# Grouped-query attention (2 KV heads for 4 heads: tp2 splits both), FFN width not a multiple of the hidden.
+LLAMA = dict(family="llama", layers=4, hidden=64, heads=4, kv_heads=2, intermediate=160, vocab=1000)
 SEQ, BATCH = 32, 8
 LAYOUTS = {
     "single": (1, {}),
@@ -42,6 +46,7 @@ LAYOUTS = {
     "pp2_m8": (2, {"pipeline_parallel_size": 2, "data_parallel_size": 1, "microbatches": 8}),
     "pp2xdp2": (4, {"pipeline_parallel_size": 2, "data_parallel_size": 2, "microbatches": 2}),
 }
+LLAMA_LAYOUTS = ["single", "dp2", "tp2", "dp2xtp2", "pp2", "pp2xdp2"]
 
 
 def layout_of(kwargs: dict, devices: int):
@@ -54,24 +59,35 @@ def layout_of(kwargs: dict, devices: int):
                   kwargs.get("pipeline_schedule", "1f1b"), kwargs.get("activation_checkpointing", False))
 
 
-def predict(name: str) -> dict:
-    from lightning_mp.planner import ModelShape, activation_bytes, state_bytes
+def shape_of(family: str):
+    from lightning_mp.planner import DecoderShape, ModelShape
+
+    return ModelShape(**SHAPE) if family == "bert" else DecoderShape(**LLAMA)
+
+
+def predict(name: str, family: str = "bert") -> dict:
+    from lightning_mp.planner import activation_bytes_per_rank, memory, state_bytes
 
     devices, kwargs = LAYOUTS[name]
-    model, layout = ModelShape(**SHAPE), layout_of(kwargs, devices)
+    model, layout = shape_of(family), layout_of(kwargs, devices)
     states = state_bytes(model, layout)
-    activations = activation_bytes(model, layout, BATCH // layout.data, SEQ)
-    fullest = max(states, key=lambda r: r["parameters"])
+    activations = activation_bytes_per_rank(model, layout, BATCH // layout.data, SEQ)
+    if family == "bert":  # as first published: the fullest state plus the fullest activations
+        fullest = max(states, key=lambda r: r["parameters"])
+        peak = fullest["parameters"] * 4 + max(activations)
+    else:  # what the planner uses: the fullest pipeline rank's own state + activations
+        peak = memory(model, layout, BATCH, SEQ).total
     return {"state_per_rank": [r["parameters"] + r["gradients"] + r["optimizer"] for r in states],
-            "activations": activations, "peak": fullest["parameters"] * 4 + activations}
+            "activations": max(activations), "peak": peak}
 
 
 # ---------------------------------------------------------------- measuring (one job per layout)
-def worker(name: str, out: str) -> None:
+def worker(name: str, out: str, family: str = "bert") -> None:
     import lightning as L
     import torch
     from lightning.pytorch.callbacks import Callback
     from torch.distributed.tensor import DTensor
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
     from torch.utils.data import DataLoader
     from transformers import BertConfig, BertForTokenClassification
 
@@ -79,15 +95,25 @@ def worker(name: str, out: str) -> None:
     from lightning_mp.planner.measure import local_state_bytes
 
     devices, kwargs = LAYOUTS[name]
-    config = BertConfig(vocab_size=SHAPE["vocab"], hidden_size=SHAPE["hidden"], num_hidden_layers=SHAPE["layers"],
-                        num_attention_heads=SHAPE["heads"], intermediate_size=SHAPE["intermediate"],
-                        max_position_embeddings=SHAPE["positions"], num_labels=SHAPE["labels"],
-                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    if family == "bert":
+        config = BertConfig(vocab_size=SHAPE["vocab"], hidden_size=SHAPE["hidden"], num_hidden_layers=SHAPE["layers"],
+                            num_attention_heads=SHAPE["heads"], intermediate_size=SHAPE["intermediate"],
+                            max_position_embeddings=SHAPE["positions"], num_labels=SHAPE["labels"],
+                            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        build, vocab, labels_up_to = (lambda: BertForTokenClassification(config)), SHAPE["vocab"], SHAPE["labels"]
+    else:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config = LlamaConfig(vocab_size=LLAMA["vocab"], hidden_size=LLAMA["hidden"], num_hidden_layers=LLAMA["layers"],
+                             num_attention_heads=LLAMA["heads"], num_key_value_heads=LLAMA["kv_heads"],
+                             intermediate_size=LLAMA["intermediate"], max_position_embeddings=SEQ,
+                             tie_word_embeddings=False)
+        build, vocab, labels_up_to = (lambda: LlamaForCausalLM(config)), LLAMA["vocab"], LLAMA["vocab"]
 
     class Module(L.LightningModule):
         def __init__(self) -> None:
             super().__init__()
-            self.model = BertForTokenClassification(config)
+            self.model = build()
 
         def training_step(self, batch, batch_idx):
             return self.model(**batch).loss
@@ -96,15 +122,16 @@ def worker(name: str, out: str) -> None:
             return torch.optim.AdamW(self.parameters(), lr=1e-4)
 
     class SavedBytes(Callback):
-        """Live bytes autograd holds for backward, one count per storage; the peak over each step."""
+        """Live bytes autograd holds for backward, one count per storage; the peak over each step, and what
+        is still held when a step starts (nothing should be: every step's graph is freed by its backward)."""
 
         def __init__(self) -> None:
             self.live, self.peak, self.refs = 0, 0, {}
+            self.held_between_steps = 0
             self.hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
 
         def pack(self, tensor):
-            local = tensor._local_tensor if isinstance(tensor, DTensor) else tensor
-            storage = local.untyped_storage()
+            storage = _plain(tensor).untyped_storage()
             key = storage.data_ptr()
             # Parameters, and views of them (a linear keeps its weight's transpose), are not activations.
             if key in self.parameter_storages():
@@ -114,7 +141,11 @@ def worker(name: str, out: str) -> None:
                 self.live += size
                 self.peak = max(self.peak, self.live)
             self.refs[key] = (count + 1, size)
-            return _Held(tensor, key, self)
+            # Hold a detached alias (same storage): holding the tensor itself would, for a tensor saved by the
+            # op that produced it, make a cycle (its grad_fn holds this object, this object holds it) that only
+            # a backward breaks — so a forward never followed by a backward (torch's shape-inference forward on
+            # the first pipeline stage) would stay alive because of the measurement alone.
+            return _Held(tensor.detach(), key, self)
 
         def parameter_storages(self):
             # Read at every pack: FSDP swaps sharded and gathered (unsharded) parameters during a step.
@@ -133,10 +164,21 @@ def worker(name: str, out: str) -> None:
                 self.refs[key] = (count - 1, size)
 
         def on_train_batch_start(self, *_):
+            self.held_between_steps = max(self.held_between_steps, self.live)
             self.hooks.__enter__()
 
         def on_train_batch_end(self, *_):
             self.hooks.__exit__(None, None, None)
+
+    def _plain(tensor):
+        """The tensor holding the bytes: a DTensor's local shard; the inner tensor of a wrapper such as the
+        AsyncCollectiveTensor a row-wise layer's all-reduce returns (a wrapper has no storage of its own)."""
+        if isinstance(tensor, DTensor):
+            return _plain(tensor._local_tensor)
+        if is_traceable_wrapper_subclass(tensor):
+            inner, _ = tensor.__tensor_flatten__()
+            return _plain(getattr(tensor, inner[0]))
+        return tensor
 
     class _Held:
         __slots__ = ("tensor", "key", "owner")
@@ -151,8 +193,9 @@ def worker(name: str, out: str) -> None:
     tp, pp = kwargs.get("tensor_parallel_size", 1), kwargs.get("pipeline_parallel_size", 1)
     data = kwargs.get("data_parallel_size", devices // (tp * pp))
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(1, SHAPE["vocab"], (4 * BATCH, SEQ), generator=g)
-    labels = torch.randint(0, SHAPE["labels"], (4 * BATCH, SEQ), generator=g)
+    # No attention mask (no padding): transformers then runs SDPA with is_causal / enable_gqa, as on GPUs.
+    ids = torch.randint(1, vocab, (4 * BATCH, SEQ), generator=g)
+    labels = torch.randint(0, labels_up_to, (4 * BATCH, SEQ), generator=g)
     module = Module()
     saved = SavedBytes()
     trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=ModelParallelStrategy(**kwargs), max_steps=3,
@@ -164,7 +207,8 @@ def worker(name: str, out: str) -> None:
     grads = sum((p.grad._local_tensor if isinstance(p.grad, DTensor) else p.grad).nbytes
                 for p in module.parameters() if p.grad is not None)
     mine = {"parameters": local["parameters"], "gradients": grads,
-            "optimizer": local["optimizer"], "activations": saved.peak}
+            "optimizer": local["optimizer"], "activations": saved.peak,
+            "held_between_steps": saved.held_between_steps}
     ranks = [None] * trainer.world_size
     if trainer.world_size > 1:
         torch.distributed.all_gather_object(ranks, mine)
@@ -174,8 +218,8 @@ def worker(name: str, out: str) -> None:
         Path(out).write_text(json.dumps(ranks))
 
 
-def measure(name: str) -> dict:
-    out = RESULTS / f".planner_memory.{name}.tmp"
+def measure(name: str, family: str = "bert") -> dict:
+    out = RESULTS / f".planner_memory.{family}.{name}.tmp"
     RESULTS.mkdir(exist_ok=True)
     # A clean launch: variables left by an earlier in-process Trainer would make the job think torchrun
     # started it as one rank of a bigger world, and wait for the others forever.
@@ -183,7 +227,7 @@ def measure(name: str) -> dict:
               "MASTER_PORT")
     env = {k: v for k, v in os.environ.items() if k not in launch}
     env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, __file__, "--worker", name, "--out", str(out)], capture_output=True,
+    proc = subprocess.run([sys.executable, __file__, "--worker", name, "--family", family, "--out", str(out)], capture_output=True,
                           text=True, env=env, timeout=300)
     if proc.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")
@@ -191,13 +235,14 @@ def measure(name: str) -> dict:
     out.unlink()
     return {"state_per_rank": [r["parameters"] + r["gradients"] + r["optimizer"] for r in ranks],
             "activations": max(r["activations"] for r in ranks),
+            "held_between_steps": max(r["held_between_steps"] for r in ranks),
             "peak": max(r["parameters"] + r["gradients"] + r["optimizer"] + r["activations"] for r in ranks)}
 
 
-def compare(names: list[str]) -> list[dict]:
+def compare(names: list[str], family: str = "bert") -> list[dict]:
     rows = []
     for name in names:
-        predicted, measured = predict(name), measure(name)
+        predicted, measured = predict(name, family), measure(name, family)
         rows.append({"layout": name, "predicted": predicted, "measured": measured,
                      "state_exact": sorted(predicted["state_per_rank"]) == sorted(measured["state_per_rank"]),
                      "activation_ratio": predicted["activations"] / measured["activations"],
@@ -209,23 +254,26 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
-    parser.add_argument("--layouts", nargs="*", default=list(LAYOUTS))
+    parser.add_argument("--family", choices=("bert", "llama"), default="bert")
+    parser.add_argument("--layouts", nargs="*", default=None)
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker, args.out)
+        worker(args.worker, args.out, args.family)
         return
-    rows = compare(args.layouts)
+    rows = compare(args.layouts or list(LAYOUTS if args.family == "bert" else LLAMA_LAYOUTS), args.family)
     print(f"{'layout':18} {'state/rank KiB (pred=meas)':>28} {'act KiB pred':>12} {'meas':>8} {'ratio':>6}"
-          f" {'peak KiB pred':>13} {'meas':>8} {'ratio':>6}")
+          f" {'peak KiB pred':>13} {'meas':>8} {'ratio':>6} {'held between steps KiB':>22}")
     for row in rows:
         p, m = row["predicted"], row["measured"]
         state = "/".join(f"{b / 1024:.0f}" for b in sorted(set(m["state_per_rank"])))
         print(f"{row['layout']:18} {state + (' ok' if row['state_exact'] else ' DIFFERS'):>28}"
               f" {p['activations'] / 1024:12.0f} {m['activations'] / 1024:8.0f} {row['activation_ratio']:6.2f}"
-              f" {p['peak'] / 1024:13.0f} {m['peak'] / 1024:8.0f} {row['peak_ratio']:6.2f}")
-    (RESULTS / "planner_memory.json").write_text(json.dumps({"shape": SHAPE, "seq": SEQ, "batch": BATCH,
-                                                             "rows": rows}, indent=1))
-    print(f"wrote {RESULTS / 'planner_memory.json'}")
+              f" {p['peak'] / 1024:13.0f} {m['peak'] / 1024:8.0f} {row['peak_ratio']:6.2f}"
+              f" {m.get('held_between_steps', 0) / 1024:22.0f}")
+    path = RESULTS / ("planner_memory.json" if args.family == "bert" else f"planner_memory_{args.family}.json")
+    shape = SHAPE if args.family == "bert" else LLAMA
+    path.write_text(json.dumps({"shape": shape, "seq": SEQ, "batch": BATCH, "rows": rows}, indent=1))
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

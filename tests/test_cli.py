@@ -27,8 +27,8 @@ def test_ls_lists_recipes_their_configs_and_the_groups(capsys):
     rows = {line.split()[0]: line.split()[1] for line in out[1:6]}
     assert rows == {"llm_generate": "-", "ner_bert": "ner_bert.yaml", "ner_predict": "-", "plan": "plan.yaml",
                     "sft_llm": "sft_llm.yaml"}
-    assert ("  model: bert-10b, bert-base, bert-large, bert-medium, bert-mini, bert-small, bert-tiny, llama3-70b,"
-            " llama3-8b, minilm, qwen2.5-7b, smollm2") in out
+    assert ("  model: bert-10b, bert-base, bert-large, bert-medium, bert-mini, bert-small, bert-tiny, llama3-405b,"
+            " llama3-70b, llama3-8b, minilm, qwen2.5-7b, smollm2") in out
     assert "  parallel: auto, default" in out
     assert cli.config_dir().resolve() == (ROOT / "conf").resolve()  # this checkout's own conf/, not another one
 
@@ -40,7 +40,7 @@ def test_cp_copies_the_recipe_config_tree_and_never_overwrites_silently(tmp_path
     assert copied == shipped - {"plan.yaml", "sft_llm.yaml"}  # other recipes' primary configs are not copied
     assert (tmp_path / "my_conf" / "ner_bert.yaml").read_text() == (ROOT / "conf" / "ner_bert.yaml").read_text()
     assert f"lightning-mp run ner_bert --config-path {tmp_path / 'my_conf'}" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match=r"18 of the 18 files exist already \(first: .*ner_bert.yaml\); pass"
+    with pytest.raises(SystemExit, match=r"19 of the 19 files exist already \(first: .*ner_bert.yaml\); pass"
                                          r" --overwrite"):
         cli.main(["cp", "ner_bert", str(tmp_path / "my_conf")])
     cli.main(["cp", "ner_bert", str(tmp_path / "my_conf"), "--overwrite"])

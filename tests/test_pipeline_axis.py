@@ -150,6 +150,40 @@ def test_balance_is_optimal_by_brute_force():
         assert worst(points) == best
 
 
+def _scalar_balance(costs, stages, first, last):
+    """The split's definition as a plain scan (the array version must choose the same split, ties included):
+    for every stage and end, the first start (in increasing order) with the smallest (max, sum of squares)."""
+    n, prefix = len(costs), [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    best = [[(float("inf"), float("inf"), [])] * (n + 1) for _ in range(stages + 1)]
+    best[0][0] = (0.0, 0.0, [])
+    for s in range(1, stages + 1):
+        for end in range(s, n - (stages - s) + 1):
+            for start in range(s - 1, end):
+                prev = best[s - 1][start]
+                if prev[0] == float("inf"):
+                    continue
+                c = prefix[end] - prefix[start] + (first if s == 1 else 0.0) + (last if s == stages else 0.0)
+                if (max(prev[0], c), prev[1] + c * c) < best[s][end][:2]:
+                    best[s][end] = (max(prev[0], c), prev[1] + c * c, [*prev[2], start])
+    return best[stages][n][2]
+
+
+def test_balance_matches_the_scalar_definition_including_ties():
+    import random
+
+    rng = random.Random(0)
+    for trial in range(300):
+        n = rng.randint(1, 24)
+        stages = rng.randint(1, n)
+        # Half the cases from a few values, so that many splits tie on the maximum (and on squares).
+        costs = [rng.choice([1.0, 1.0, 2.0, 0.5, 7.25]) if trial % 2 else rng.random() for _ in range(n)]
+        first, last = rng.choice([0.0, 1.0, 3.0, 2.5]), rng.choice([0.0, 1.0, 2.0, 4.5])
+        assert balance_split(costs, stages, first, last) == _scalar_balance(costs, stages, first, last), (
+            costs, stages, first, last)
+
+
 def test_more_stages_than_blocks_is_an_error_with_numbers():
     with pytest.raises(ValueError, match=r"5 pipeline stages need at least 5 blocks \(one each\), but the model has 4"):
         balance_split([1.0] * 4, 5)

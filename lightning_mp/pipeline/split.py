@@ -18,6 +18,7 @@ import types
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
+import numpy as np
 from torch import Tensor, nn
 
 from lightning_mp.config import too_few_blocks
@@ -68,27 +69,33 @@ def balance_split(block_costs: Sequence[float], num_stages: int, first: float = 
     if num_stages < 1:
         raise ValueError(f"num_stages must be at least 1, got {num_stages}.")
     _check_enough_blocks(num_stages, n)
-    prefix = [0.0, *itertools.accumulate(float(c) for c in block_costs)]
+    prefix = np.array([0.0, *itertools.accumulate(float(c) for c in block_costs)])
 
-    def stage_cost(stage: int, start: int, end: int) -> float:
-        extra = (first if stage == 0 else 0.0) + (last if stage == num_stages - 1 else 0.0)
-        return prefix[end] - prefix[start] + extra
-
-    # best[s][i]: (max cost, sum of squares, split points) of stages 0..s-1 covering blocks 0..i-1.
-    inf = (float("inf"), float("inf"), [])
-    best: list[list[tuple[float, float, list[int]]]] = [[inf] * (n + 1) for _ in range(num_stages + 1)]
-    best[0][0] = (0.0, 0.0, [])
+    # best_*[i]: (max cost, sum of squares) of stages 0..s-1 covering blocks 0..i-1; back[s][i]: where the
+    # last of those stages starts. Each stage is one array step over every (start, end) pair, so the
+    # planner can split 100+ layers for every candidate layout quickly; ties resolve as a scan over starts
+    # in increasing order keeping the first strictly better (max, sum of squares) would.
+    best_max, best_sq = np.full(n + 1, np.inf), np.full(n + 1, np.inf)
+    best_max[0] = best_sq[0] = 0.0
+    back = np.zeros((num_stages + 1, n + 1), dtype=np.int64)
+    index = np.arange(n + 1)
     for s in range(1, num_stages + 1):
-        for end in range(s, n - (num_stages - s) + 1):
-            for start in range(s - 1, end):
-                prev = best[s - 1][start]
-                if prev[0] == float("inf"):
-                    continue
-                c = stage_cost(s - 1, start, end)
-                candidate = (max(prev[0], c), prev[1] + c * c, [*prev[2], start])
-                if candidate[:2] < best[s][end][:2]:
-                    best[s][end] = candidate
-    return best[num_stages][n][2]
+        extra = (first if s == 1 else 0.0) + (last if s == num_stages else 0.0)
+        cost = prefix[None, :] - prefix[:, None] + extra  # [start, end]
+        valid = ((index[:, None] < index[None, :]) & (index[:, None] >= s - 1) & np.isfinite(best_max)[:, None]
+                 & (index[None, :] >= s) & (index[None, :] <= n - (num_stages - s)))
+        worst = np.where(valid, np.maximum(best_max[:, None], cost), np.inf)
+        lowest = worst.min(axis=0)
+        squares = np.where(valid & (worst == lowest[None, :]), best_sq[:, None] + cost * cost, np.inf)
+        back[s] = squares.argmin(axis=0)
+        reachable = np.isfinite(lowest)
+        best_max = np.where(reachable, lowest, np.inf)
+        best_sq = np.where(reachable, squares[back[s], index], np.inf)
+    points, end = [], n
+    for s in range(num_stages, 0, -1):
+        end = int(back[s][end])
+        points.append(end)
+    return points[::-1]
 
 
 def check_split_points(split_points: Sequence[int], num_stages: int, num_blocks: int) -> list[int]:

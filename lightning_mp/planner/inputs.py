@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from lightning_mp.config import PRECISIONS
+from lightning_mp.planner.shapes import LayerActivations
 
 # Bytes per element of activations / gathered parameters, and of stored parameters, per Lightning precision.
 BYTES = {name: p.compute_bytes for name, p in PRECISIONS.items()}
@@ -51,12 +52,41 @@ class ModelShape:
         return [((self.vocab, h), "replicated"), ((self.positions, h), "replicated"),
                 ((self.token_types, h), "replicated"), ((h,), "replicated"), ((h,), "replicated")]
 
-    def head_tensors(self) -> list[tuple[tuple[int, ...], str]]:
+    def head_tensors(self, pipelined: bool = True) -> list[tuple[tuple[int, ...], str]]:
         return [((self.labels, self.hidden), "replicated"), ((self.labels,), "replicated")]
 
     def parameters(self) -> int:
         count = lambda tensors: sum(math.prod(shape) for shape, _ in tensors)  # noqa: E731
         return count(self.embedding_tensors()) + self.layers * count(self.layer_tensors()) + count(self.head_tensors())
+
+    tied = False  # the classifier head has its own weights
+
+    @property
+    def attention_width(self) -> int:
+        return self.hidden
+
+    def tensor_parallel_problem(self, tp: int) -> Optional[str]:
+        if self.heads % tp or self.intermediate % tp:
+            return f"tp={tp} does not divide {self.heads} heads / FFN width {self.intermediate}"
+        return None
+
+    # Activations per microbatch of b sequences × s tokens (planner/memory.py documents the BERT count):
+    # replicated over tensor ranks the layer input, two LayerNorm inputs, the FFN input, fp32 LayerNorm
+    # statistics and dropout masks; split the q, k, v, attention output, FFN activation in/out, log-sum-exp.
+    def layer_activations(self, b: float, s: int, t: int, element: int) -> LayerActivations:
+        h, i, a = self.hidden, self.intermediate, self.heads
+        replicated = 4 * s * b * h * element + 4 * s * b * 4 + (2 * s * b * h if self.dropout else 0)
+        return LayerActivations(replicated, (4 * s * b * h + 2 * s * b * i + s * b * a) * element / t)
+
+    def checkpointed_layer_bytes(self, b: float, s: int, t: int, element: int) -> float:
+        return s * b * self.hidden * element
+
+    def stage_activation_bytes(self, b: float, s: int, t: int, element: int, first: bool, last: bool) -> float:
+        """Embeddings: the LayerNorm input and two index tensors; head: its input, fp32 log-probabilities,
+        labels; one dropout mask each."""
+        total = (s * b * self.hidden * element + 2 * s * b * 8) if first else 0
+        total += (s * b * self.hidden * element + s * b * self.labels * 4 + s * b * 8) if last else 0
+        return total + (s * b * self.hidden if self.dropout else 0) * (first + last)
 
 
 @dataclass(frozen=True)

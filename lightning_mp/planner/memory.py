@@ -1,15 +1,22 @@
-"""Memory per device (the largest over all ranks, since the largest one decides whether a layout fits):
+"""Memory per device (the fullest rank decides whether a layout fits): state + activations of each rank.
 
-- parameters, gradients, optimizer state: exact. Every tensor of the model is cut as the strategy cuts
-  it: tensor parallelism splits q/k/v, FFN-in (and their biases) on dim 0 and attention-out / FFN-out
-  weights on dim 1 (``plans/bert.py``); FSDP then splits each rank's piece on dim 0 over the data-parallel
-  shard ranks, with ``torch.chunk`` sizes (the last chunks may be smaller or empty); a pipeline rank holds
-  only its stages (split by ``pipeline.split.balance_split`` on parameter counts, as the strategy does).
-  Gradients match parameters; AdamW keeps two tensors per parameter.
-- activations: what autograd keeps for backward, per encoder layer and microbatch (b sequences of s
-  tokens, hidden h, FFN width i, a heads, tensor-parallel size t), counted tensor by tensor for a BERT
-  layer with PyTorch's fused attention (SDPA keeps q, k, v, its output and the log-sum-exp, never the
-  s × s score matrix). In elements:
+- parameters, gradients, optimizer state: exact. Every tensor of the model (the shape's
+  ``layer_tensors`` / ``embedding_tensors`` / ``head_tensors``) is cut as the strategy cuts it: tensor
+  parallelism splits column-wise tensors (and their biases) on dim 0 and row-wise weights on dim 1 (BERT:
+  ``plans/bert.py``; decoders: transformers' tp plans through ``plans/hf.py``); FSDP then splits each
+  rank's piece on dim 0 over the data-parallel shard ranks, with ``torch.chunk`` sizes (the last chunks
+  may be smaller or empty); a pipeline rank holds only its stages (split by
+  ``pipeline.split.balance_split`` on parameter counts, as the strategy does), and a head tied to the
+  embedding is a second copy on the last stage when the model is pipelined (``pipeline/tied.py``).
+  Gradients match parameters (except a vocabulary-parallel embedding's without FSDP: whole, see
+  ``_rank_elements``); AdamW keeps two tensors per parameter.
+- activations: what autograd keeps for backward, per layer and microbatch, counted by the shape
+  (``layer_activations``: BERT below, decoders in ``planner/shapes.py``), plus what the embeddings /
+  head / rotary tables keep on the stages that hold them (``stage_activation_bytes``).
+
+  BERT (a layer with PyTorch's fused attention: SDPA keeps q, k, v, its output and the log-sum-exp,
+  never the s × s score matrix), in elements of b sequences of s tokens, hidden h, FFN width i, a
+  heads, tensor-parallel size t:
 
       layer(b, s) = s·b·h·(4 + 4/t) + 2·s·b·i/t + s·b·a/t   (+ 4·s·b fp32 LayerNorm statistics)
 
@@ -21,27 +28,32 @@
   fused attention, and the element size of the compute dtype. Dropout (p > 0) adds one byte per element
   for its masks: ``2·s·b·h`` per layer (on CUDA; PyTorch's CPU dropout keeps a mask in the compute dtype,
   and with attention dropout CPU attention falls back to the math kernel, which stores the s × s scores:
-  neither is modelled, the target is the GPU). With activation checkpointing a layer keeps only its input,
-  ``s·b·h`` elements, and one layer's full activations exist at a time while it is recomputed. The
-  embeddings keep their LayerNorm input and two int64 index tensors, the head its input, fp32
-  log-probabilities and the int64 labels, on the stages that hold them.
+  neither is modelled, the target is the GPU). The embeddings keep their LayerNorm input and two int64
+  index tensors, the head its input, fp32 log-probabilities and the int64 labels.
+
+  With activation checkpointing a layer keeps only its input, ``s·b·h`` elements, and one layer's full
+  activations exist at a time while it is recomputed.
   Layers in flight: every layer of the rank's stages holds one microbatch's activations per microbatch
   in flight: all ``m`` for GPipe, ``min(m, p - r)`` on stage r for 1F1B, ``min(m, p)·(1 + (p-1)/(p·v))``
   for interleaved schedules with v stages per rank (Narayanan et al. 2021), the local batch without
-  a pipeline. The fullest rank decides.
+  a pipeline.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from dataclasses import astuple, dataclass
-from typing import Any
+from typing import Any, Union
 
 from lightning_mp.config import stages_per_rank
 from lightning_mp.pipeline.runtime import stage_indices
 from lightning_mp.pipeline.split import balance_split
 from lightning_mp.planner.inputs import BYTES, PARAM_BYTES, Layout, ModelShape
+from lightning_mp.planner.shapes import DecoderShape
+
+Shape = Union[ModelShape, DecoderShape]
 
 
 def chunk_size(n: int, parts: int, index: int) -> int:
@@ -52,7 +64,7 @@ def chunk_size(n: int, parts: int, index: int) -> int:
 
 def _local_elements(shape: tuple[int, ...], style: str, tensor: int, t: int, shard: int, d: int) -> int:
     dims = list(shape)
-    if tensor > 1 and style == "colwise":
+    if tensor > 1 and style in ("colwise", "vocab"):  # vocab: an embedding's rows (vocabulary-parallel lookup)
         dims[0] = chunk_size(dims[0], tensor, t)
     elif tensor > 1 and style == "rowwise" and len(dims) > 1:
         dims[1] = chunk_size(dims[1], tensor, t)
@@ -61,18 +73,26 @@ def _local_elements(shape: tuple[int, ...], style: str, tensor: int, t: int, sha
     return math.prod(dims)
 
 
-def stage_parts(model: ModelShape, layout: Layout) -> list[dict[str, Any]]:
+def stage_parts(model: Shape, layout: Layout) -> list[dict[str, Any]]:
     """Per pipeline rank: which layers it holds and whether it holds the embeddings / the head, split as
-    the strategy splits (balanced by parameter counts)."""
+    the strategy splits (balanced by parameter counts, a tied head counted on the last stage as the
+    strategy's cost estimate counts it)."""
     schedule = layout.schedule if layout.pipeline > 1 else "1f1b"
-    stages = layout.pipeline * stages_per_rank(schedule)
+    return _stage_parts(model, layout.pipeline, schedule)
+
+
+@functools.lru_cache(maxsize=4096)
+def _stage_parts(model: Shape, pipeline: int, schedule: str) -> list[dict[str, Any]]:
+    # Cached: the exact split is a dynamic program over layers × stages, and the search asks for the same
+    # (model, pipeline, schedule) for every microbatch count, FSDP mode and checkpointing choice.
+    stages = pipeline * stages_per_rank(schedule)
     count = lambda tensors: float(sum(math.prod(s) for s, _ in tensors))  # noqa: E731
     points = balance_split([count(model.layer_tensors())] * model.layers, stages,
-                           count(model.embedding_tensors()), count(model.head_tensors()))
+                           count(model.embedding_tensors()), count(model.head_tensors(pipelined=True)))
     bounds = [*points, model.layers]
     ranks = []
-    for rank in range(layout.pipeline):
-        held = stage_indices(rank, layout.pipeline, schedule)
+    for rank in range(pipeline):
+        held = stage_indices(rank, pipeline, schedule)
         ranks.append({"layers": sum(bounds[s + 1] - bounds[s] for s in held), "first": 0 in held,
                       "last": stages - 1 in held, "stages": len(held)})
     return ranks
@@ -96,21 +116,51 @@ class Memory:
         return sum(astuple(self))
 
 
-def state_bytes(model: ModelShape, layout: Layout, precision: str = "32-true") -> list[dict[str, int]]:
+def _part_tensors(model: Shape, layout: Layout, part: dict[str, Any]) -> list[tuple[list, int]]:
+    """(tensors, how many times) a pipeline rank holds: its layers, embeddings on the first stage, the
+    head on the last (with the tied copy when pipelined)."""
+    held = [(model.layer_tensors(), part["layers"])]
+    held += [(model.embedding_tensors(), 1)] if part["first"] else []
+    held += [(model.head_tensors(pipelined=layout.pipeline > 1), 1)] if part["last"] else []
+    return held
+
+
+def _rank_elements(held: list[tuple[list, int]], layout: Layout, t: int, d: int, gradient: bool = False) -> int:
+    def style_of(style: str) -> str:
+        # Without FSDP (one data-parallel rank) nothing reshapes gradients: a vocabulary-parallel embedding's
+        # gradient comes out of DTensor's embedding backward replicated, the whole table on every tensor
+        # rank (measured). FSDP's reduce-scatter gives it the parameter's sharding.
+        return "replicated" if gradient and style == "vocab" and layout.data == 1 else style
+
+    return sum(times * sum(_local_elements(shape, style_of(style), layout.tensor, t, layout.shard, d)
+                           for shape, style in tensors)
+               for tensors, times in held)
+
+
+def _state(held: list[tuple[list, int]], layout: Layout, t: int, d: int, per_element: int) -> dict[str, int]:
+    elements = _rank_elements(held, layout, t, d)
+    return {"parameters": elements * per_element, "gradients": _rank_elements(held, layout, t, d, True) * per_element,
+            "optimizer": 2 * elements * per_element}
+
+
+def state_bytes(model: Shape, layout: Layout, precision: str = "32-true") -> list[dict[str, int]]:
     """Exact parameter / gradient / AdamW bytes of every rank (replicas of a shard repeated), by pipeline rank,
     data shard, tensor rank."""
     per_element = PARAM_BYTES[precision]
     ranks = []
     replicas = layout.data // layout.shard if layout.shard else layout.data
     for part in stage_parts(model, layout):
-        tensors = model.layer_tensors() * part["layers"]
-        tensors += model.embedding_tensors() if part["first"] else []
-        tensors += model.head_tensors() if part["last"] else []
+        held = _part_tensors(model, layout, part)
         for d, t in itertools.product(range(layout.shard), range(layout.tensor)):
-            elements = sum(_local_elements(shape, style, layout.tensor, t, layout.shard, d) for shape, style in tensors)
-            ranks += [{"parameters": elements * per_element, "gradients": elements * per_element,
-                       "optimizer": 2 * elements * per_element}] * replicas
+            ranks += [_state(held, layout, t, d, per_element)] * replicas
     return ranks
+
+
+def fullest_state_bytes(model: Shape, layout: Layout, precision: str = "32-true") -> list[dict[str, int]]:
+    """Per pipeline rank, the state of its fullest rank: data shard 0, tensor rank 0 (``torch.chunk`` gives
+    the first piece the largest size of every tensor), without enumerating every rank of a large world."""
+    return [_state(_part_tensors(model, layout, part), layout, 0, 0, PARAM_BYTES[precision])
+            for part in stage_parts(model, layout)]
 
 
 def in_flight(layout: Layout, pipeline_rank: int = 0) -> float:
@@ -123,29 +173,34 @@ def in_flight(layout: Layout, pipeline_rank: int = 0) -> float:
     return min(m, p) * (1 + (p - 1) / (p * 2))  # interleaved (Narayanan et al. 2021), every rank alike
 
 
-def activation_bytes(model: ModelShape, layout: Layout, local_batch: int, seq: int, precision: str = "32-true") -> int:
-    """Peak bytes autograd keeps for backward on the fullest pipeline rank (see the module docstring)."""
+def activation_bytes_per_rank(model: Shape, layout: Layout, local_batch: int, seq: int,
+                             precision: str = "32-true") -> list[int]:
+    """Peak bytes autograd keeps for backward on every pipeline rank (see the module docstring)."""
     b = local_batch / layout.microbatches  # sequences per microbatch
-    s, h, i, a, t = seq, model.hidden, model.intermediate, model.heads, layout.tensor
-    element = BYTES[precision]
-    full_layer = (s * b * h * (4 + 4 / t) + 2 * s * b * i / t + s * b * a / t) * element + 4 * s * b * 4
-    full_layer += 2 * s * b * h if model.dropout else 0  # two 1-byte dropout masks
-    kept_layer = s * b * h * element if layout.activation_checkpointing else full_layer
-    worst = 0.0
+    t, element = layout.tensor, BYTES[precision]
+    full_layer = model.layer_activations(b, seq, t, element).total
+    kept_layer = model.checkpointed_layer_bytes(b, seq, t, element) if layout.activation_checkpointing else full_layer
+    ranks = []
     for rank, part in enumerate(stage_parts(model, layout)):
         flight = in_flight(layout, rank)
         total = part["layers"] * kept_layer * flight
         if layout.activation_checkpointing:
             total += full_layer  # the layer being recomputed
-        # Embeddings: the LayerNorm input and two index tensors; head: its input, fp32 log-probabilities, labels.
-        total += (s * b * h * element + 2 * s * b * 8) * flight if part["first"] else 0
-        total += (s * b * h * element + s * b * model.labels * 4 + s * b * 8) * flight if part["last"] else 0
-        total += (s * b * h if model.dropout else 0) * flight * (part["first"] + part["last"])
-        worst = max(worst, total)
-    return int(worst)
+        total += model.stage_activation_bytes(b, seq, t, element, part["first"], part["last"]) * flight
+        ranks.append(int(total))
+    return ranks
 
 
-def memory(model: ModelShape, layout: Layout, global_batch: int, seq: int, precision: str = "32-true") -> Memory:
-    state = max(state_bytes(model, layout, precision), key=lambda r: r["parameters"])
-    return Memory(state["parameters"], state["gradients"], state["optimizer"],
-                  activation_bytes(model, layout, global_batch // layout.data, seq, precision))
+def activation_bytes(model: Shape, layout: Layout, local_batch: int, seq: int, precision: str = "32-true") -> int:
+    """Peak bytes autograd keeps for backward on the fullest pipeline rank."""
+    return max(activation_bytes_per_rank(model, layout, local_batch, seq, precision))
+
+
+def memory(model: Shape, layout: Layout, global_batch: int, seq: int, precision: str = "32-true") -> Memory:
+    """The fullest rank's memory: each pipeline rank's fullest state plus its own activations (the stage
+    with the embeddings and the one with the head differ in both)."""
+    states = fullest_state_bytes(model, layout, precision)
+    activations = activation_bytes_per_rank(model, layout, global_batch // layout.data, seq, precision)
+    worst = max(range(len(states)), key=lambda r: (sum(states[r].values()) + activations[r], r))
+    state = states[worst]
+    return Memory(state["parameters"], state["gradients"], state["optimizer"], activations[worst])

@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
 from lightning_mp.config import divisors, too_few_blocks
-from lightning_mp.planner.inputs import Cluster, Layout, ModelShape, device_memory_gb
-from lightning_mp.planner.memory import Memory, memory
+from lightning_mp.planner.inputs import Cluster, Layout, device_memory_gb
+from lightning_mp.planner.memory import Memory, Shape, memory
+from lightning_mp.planner.shapes import FAMILIES, shape_from_config
 from lightning_mp.planner.time import StepTime, step_time
 
 
@@ -25,7 +26,7 @@ class Candidate:
                 f" {self.time.total * 1e3:.1f} ms per step)")
 
 
-def candidates(model: ModelShape, cluster: Cluster, global_batch: int, seq: int,
+def candidates(model: Shape, cluster: Cluster, global_batch: int, seq: int,
                precision: str = "bf16-mixed") -> list[Candidate]:
     """Every layout worth considering, each with its memory, time and (if any) why it is rejected."""
     limit = cluster.device_memory_gb * 2**30 * cluster.usable_fraction
@@ -37,8 +38,8 @@ def candidates(model: ModelShape, cluster: Cluster, global_batch: int, seq: int,
         reason = None
         if tp > cluster.devices_per_node:
             reason = f"tensor parallelism over {tp} devices would cross nodes ({cluster.devices_per_node} per node)"
-        elif model.heads % tp or model.intermediate % tp:
-            reason = f"tp={tp} does not divide {model.heads} heads / FFN width {model.intermediate}"
+        elif model.tensor_parallel_problem(tp):
+            reason = model.tensor_parallel_problem(tp)
         elif too_few_blocks(pp, model.layers):
             reason = too_few_blocks(pp, model.layers)
         elif global_batch % dp:
@@ -54,7 +55,7 @@ def candidates(model: ModelShape, cluster: Cluster, global_batch: int, seq: int,
     return found
 
 
-def _variants(dp: int, tp: int, pp: int, local_batch: int, model: ModelShape, cluster: Cluster) -> Iterable[Layout]:
+def _variants(dp: int, tp: int, pp: int, local_batch: int, model: Shape, cluster: Cluster) -> Iterable[Layout]:
     counts = [1]
     if pp > 1:  # from one microbatch per stage to 8 (bubble against per-microbatch efficiency), whole sequences
         counts = [m for m in divisors(local_batch) if pp <= m <= 8 * pp] or [pp]
@@ -70,7 +71,7 @@ def _variants(dp: int, tp: int, pp: int, local_batch: int, model: ModelShape, cl
         yield Layout(dp, tp, pp, mode, replicate, m, schedule, checkpointing)
 
 
-def choose(model: ModelShape, cluster: Cluster, global_batch: int, seq: int,
+def choose(model: Shape, cluster: Cluster, global_batch: int, seq: int,
            precision: str = "bf16-mixed") -> tuple[Candidate, list[Candidate]]:
     """The fastest layout that fits, and every candidate ranked (fitting ones first, by time)."""
     # Fitting layouts by estimated time; then those rejected for memory (closest to fitting first), which
@@ -133,11 +134,10 @@ class AutoLayout:
         config = getattr(found[1], "config", None) if found else None
         if config is None or not hasattr(config, "num_hidden_layers"):
             raise ValueError(
-                f"layout='auto' plans BERT-shaped models (a config with num_hidden_layers, hidden_size, ...); no such"
-                f" model was found in {type(module).__name__}. Pass the degrees instead (data_parallel_size=...,"
-                " tensor_parallel_size=..., pipeline_parallel_size=...)."
+                f"layout='auto' plans transformers models (BERT token classifiers, {', '.join(FAMILIES)} causal"
+                f" LMs) from their config; no such model was found in {type(module).__name__}. Pass the degrees"
+                " instead (data_parallel_size=..., tensor_parallel_size=..., pipeline_parallel_size=...)."
             )
         cluster = Cluster(devices_per_node, num_nodes, self.device_memory_gb or device_memory_gb(accelerator))
-        best, _ = choose(ModelShape.from_config(config), cluster, self.global_batch_size, self.sequence_length,
-                         precision)
+        best, _ = choose(shape_from_config(config), cluster, self.global_batch_size, self.sequence_length, precision)
         return best

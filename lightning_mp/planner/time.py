@@ -13,10 +13,11 @@ assumed to overlap compute. Tensor parallelism is kept inside a node.
 from __future__ import annotations
 
 from dataclasses import astuple, dataclass, replace
+from typing import Any
 
 from lightning_mp.config import stages_per_rank
-from lightning_mp.planner.inputs import BYTES, PARAM_BYTES, Cluster, Layout, ModelShape
-from lightning_mp.planner.memory import stage_parts, state_bytes
+from lightning_mp.planner.inputs import BYTES, PARAM_BYTES, Cluster, Layout
+from lightning_mp.planner.memory import fullest_state_bytes, stage_parts
 
 
 @dataclass
@@ -48,11 +49,11 @@ LATENCY_INTRA_S = 10e-6
 LATENCY_INTER_S = 30e-6
 
 
-def step_time(model: ModelShape, layout: Layout, cluster: Cluster, global_batch: int, seq: int,
+def step_time(model: Any, layout: Layout, cluster: Cluster, global_batch: int, seq: int,
               precision: str = "bf16-mixed") -> StepTime:
     tokens = global_batch * seq
     factor = 8 if layout.activation_checkpointing else 6
-    flops = factor * model.parameters() * tokens + 12 * model.layers * seq * seq * model.hidden * global_batch
+    flops = factor * model.parameters() * tokens + 12 * model.layers * seq * seq * model.attention_width * global_batch
     local_batch = global_batch // layout.data
     microbatch_tokens = local_batch / layout.microbatches * seq / layout.tensor  # one device's share
     efficiency = microbatch_tokens / (microbatch_tokens + HALF_EFFICIENCY_TOKENS)
@@ -76,7 +77,7 @@ def step_time(model: ModelShape, layout: Layout, cluster: Cluster, global_batch:
         pipeline_comm = volume / (link * 1e9) + 2 * stages_here * layout.microbatches * latency
     data_comm = 0.0
     if layout.data > 1:
-        unsharded = max(r["parameters"] for r in state_bytes(model, replace(layout, mode="replicated"), precision))
+        unsharded = max(r["parameters"] for r in fullest_state_bytes(model, replace(layout, mode="replicated"), precision))
         gathered = unsharded * element // PARAM_BYTES[precision]  # gathered in the compute dtype
         spans_nodes = layout.data * layout.tensor * layout.pipeline > cluster.devices_per_node
         inter = spans_nodes and layout.mode != "hybrid"

@@ -64,6 +64,31 @@ def architecture(cfg: DictConfig, original_cwd: Path) -> Any:
     return model_config(cfg)
 
 
+def model_shape(cfg: DictConfig, original_cwd: Path) -> Any:
+    """The planner's shape of the model (read from its config only: no weights, no GGUF tensors)."""
+    from lightning_mp.planner import shape_from_config
+
+    return shape_from_config(architecture(cfg, original_cwd))
+
+
+def planned_layout(cfg: DictConfig, original_cwd: Path) -> Any:
+    """The planner's choice for this model, cluster, global batch and ``data.max_length`` (``parallel=auto``):
+    conversations are padded per batch, so the longest one a batch may hold is what must fit."""
+    from lightning_mp.planner import Cluster, choose, device_memory_gb
+
+    t = cfg.trainer
+    memory_gb = t.get("device_memory_gb") or device_memory_gb(t.accelerator)
+    cluster = Cluster(devices_per_node=int(t.devices), num_nodes=int(t.num_nodes), device_memory_gb=float(memory_gb))
+    best, _ = choose(model_shape(cfg, original_cwd), cluster, int(t.batch_size), int(cfg.data.max_length),
+                     str(t.precision))
+    return best
+
+
+def parallel_kwargs(cfg: DictConfig, original_cwd: Path) -> dict[str, Any]:
+    """The strategy's arguments from ``parallel`` (the degrees given, or the planner's with ``parallel=auto``)."""
+    return common.parallel_kwargs(cfg, auto=lambda cfg: planned_layout(cfg, original_cwd).layout.strategy_kwargs())
+
+
 def check_config(cfg: DictConfig, original_cwd: Path) -> None:
     """Fail on bad overrides at once, before weights are loaded or processes started: the strategy's own
     checks on the model built on the meta device (degrees, heads and KV heads, layers per stage, batch)."""
@@ -75,8 +100,10 @@ def check_config(cfg: DictConfig, original_cwd: Path) -> None:
                          " (or data.train_file=<jsonl>).")
     from transformers import AutoModelForCausalLM
 
+    if cfg.parallel.get("auto"):
+        print(f"parallel=auto: {planned_layout(cfg, original_cwd).summary()}", flush=True)
     config = architecture(cfg, original_cwd)
-    common.check_parallel(cfg, common.parallel_kwargs(cfg), lambda: AutoModelForCausalLM.from_config(config),
+    common.check_parallel(cfg, parallel_kwargs(cfg, original_cwd), lambda: AutoModelForCausalLM.from_config(config),
                           int(config.num_hidden_layers))
 
 
@@ -96,7 +123,7 @@ def run_sft(cfg: DictConfig, original_cwd: Path, run_dir: Path) -> dict[str, flo
 
     L.seed_everything(cfg.seed, workers=True)
     t, d, g = cfg.trainer, cfg.data, cfg.generation
-    kwargs = common.parallel_kwargs(cfg)
+    kwargs = parallel_kwargs(cfg, original_cwd)
     source = model_source(cfg, original_cwd)
     if not isinstance(source, str):
         raise ValueError(f"model={cfg.model.name} is a shape without weights (for planning and GPUs); fine-tuning"
