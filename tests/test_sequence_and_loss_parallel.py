@@ -16,6 +16,14 @@ FP32_TOLERANCE = 1e-5
 LLAMA = ("--family", "llama", "--layers", "2", "--optimizer", "sgd", "--lr", "0.1")
 
 
+def assert_matches(result: dict, reference: dict, label: str) -> None:
+    losses = max(abs(a - b) for a, b in zip(result["losses"], reference["losses"]))
+    weights = max_weight_difference(result["state_dict"], reference["state_dict"])
+    print(f"{label} parity: losses {losses:.1e}, weights {weights:.1e}")
+    assert result["losses"] == pytest.approx(reference["losses"], abs=FP32_TOLERANCE)
+    assert weights < FP32_TOLERANCE
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("devices,layout", [(2, {"tensor_parallel_size": 2}),
                                             (4, {"tensor_parallel_size": 2, "data_parallel_size": 2})],
@@ -23,12 +31,7 @@ LLAMA = ("--family", "llama", "--layers", "2", "--optimizer", "sgd", "--lr", "0.
 def test_loss_parallel_matches_single_process_with_sharded_logits(devices, layout, tmp_path, reference_runs):
     result = run_worker(tmp_path, devices=devices, layout={**layout, "loss_parallel": True},
                         extra=(*LLAMA, "--probe-logits"))
-    reference = reference_runs(*LLAMA)
-    losses = max(abs(a - b) for a, b in zip(result["losses"], reference["losses"]))
-    weights = max_weight_difference(result["state_dict"], reference["state_dict"])
-    print(f"loss parallel parity: losses {losses:.1e}, weights {weights:.1e}")
-    assert result["losses"] == pytest.approx(reference["losses"], abs=FP32_TOLERANCE)
-    assert weights < FP32_TOLERANCE
+    assert_matches(result, reference_runs(*LLAMA), "loss parallel")
     kind, placements, local_shape, global_shape = result["logits"]
     assert kind == "DTensor" and placements == ["S(2)"]  # sharded on the vocabulary dimension
     assert local_shape[-1] == tiny_hf.VOCAB // 2 and global_shape[-1] == tiny_hf.VOCAB
@@ -70,15 +73,11 @@ def test_sequence_parallel_matches_single_process(name, tmp_path, reference_runs
     devices, layout = SEQUENCE_PARALLEL[name]
     model = () if name.startswith("bert") else LLAMA  # the tiny BERT token classifier is the worker's default
     result = run_worker(tmp_path, devices=devices, layout=layout, extra=(*model, "--probe-hidden"))
-    reference = reference_runs(*model)
-    losses = max(abs(a - b) for a, b in zip(result["losses"], reference["losses"]))
-    weights = max_weight_difference(result["state_dict"], reference["state_dict"])
-    print(f"sequence parallel parity ({name}): losses {losses:.1e}, weights {weights:.1e}")
-    assert result["losses"] == pytest.approx(reference["losses"], abs=FP32_TOLERANCE)
-    assert weights < FP32_TOLERANCE
+    assert_matches(result, reference_runs(*model), f"sequence parallel ({name})")
     # What a block hands to the next: this rank's half of the sequence.
     kind, placements, local_shape, global_shape = result["hidden"]
-    assert kind == "DTensor" and placements == ["S(1)"] and local_shape[1] * 2 == global_shape[1]
+    assert kind == "DTensor" and placements == ["S(1)"]
+    assert local_shape[1] in (global_shape[1] // 2, (global_shape[1] + 1) // 2) < global_shape[1]
 
 
 def test_sequence_parallel_without_a_plan_for_it_is_refused_before_launch(no_child_processes):
