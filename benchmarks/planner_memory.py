@@ -85,14 +85,12 @@ def predict(name: str, family: str = "bert") -> dict:
 def worker(name: str, out: str, family: str = "bert") -> None:
     import lightning as L
     import torch
-    from lightning.pytorch.callbacks import Callback
     from torch.distributed.tensor import DTensor
-    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
     from torch.utils.data import DataLoader
     from transformers import BertConfig, BertForTokenClassification
 
     from lightning_mp import ModelParallelStrategy
-    from lightning_mp.planner.measure import local_state_bytes
+    from lightning_mp.planner.measure import SavedActivationBytes, local_state_bytes
 
     devices, kwargs = LAYOUTS[name]
     if family == "bert":
@@ -121,74 +119,6 @@ def worker(name: str, out: str, family: str = "bert") -> None:
         def configure_optimizers(self):
             return torch.optim.AdamW(self.parameters(), lr=1e-4)
 
-    class SavedBytes(Callback):
-        """Live bytes autograd holds for backward, one count per storage; the peak over each step, and what
-        is still held when a step starts (nothing should be: every step's graph is freed by its backward)."""
-
-        def __init__(self) -> None:
-            self.live, self.peak, self.refs = 0, 0, {}
-            self.held_between_steps = 0
-            self.hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
-
-        def pack(self, tensor):
-            storage = _plain(tensor).untyped_storage()
-            key = storage.data_ptr()
-            # Parameters, and views of them (a linear keeps its weight's transpose), are not activations.
-            if key in self.parameter_storages():
-                return tensor
-            count, size = self.refs.get(key, (0, storage.nbytes()))
-            if count == 0:
-                self.live += size
-                self.peak = max(self.peak, self.live)
-            self.refs[key] = (count + 1, size)
-            # Hold a detached alias (same storage): holding the tensor itself would, for a tensor saved by the
-            # op that produced it, make a cycle (its grad_fn holds this object, this object holds it) that only
-            # a backward breaks — so a forward never followed by a backward (torch's shape-inference forward on
-            # the first pipeline stage) would stay alive because of the measurement alone.
-            return _Held(tensor.detach(), key, self)
-
-        def parameter_storages(self):
-            # Read at every pack: FSDP swaps sharded and gathered (unsharded) parameters during a step.
-            return {(p._local_tensor if isinstance(p, DTensor) else p).untyped_storage().data_ptr()
-                    for p in module.parameters()}
-
-        def unpack(self, held):
-            return held.tensor if isinstance(held, _Held) else held
-
-        def release(self, key):
-            count, size = self.refs[key]
-            if count == 1:
-                del self.refs[key]
-                self.live -= size
-            else:
-                self.refs[key] = (count - 1, size)
-
-        def on_train_batch_start(self, *_):
-            self.held_between_steps = max(self.held_between_steps, self.live)
-            self.hooks.__enter__()
-
-        def on_train_batch_end(self, *_):
-            self.hooks.__exit__(None, None, None)
-
-    def _plain(tensor):
-        """The tensor holding the bytes: a DTensor's local shard; the inner tensor of a wrapper such as the
-        AsyncCollectiveTensor a row-wise layer's all-reduce returns (a wrapper has no storage of its own)."""
-        if isinstance(tensor, DTensor):
-            return _plain(tensor._local_tensor)
-        if is_traceable_wrapper_subclass(tensor):
-            inner, _ = tensor.__tensor_flatten__()
-            return _plain(getattr(tensor, inner[0]))
-        return tensor
-
-    class _Held:
-        __slots__ = ("tensor", "key", "owner")
-
-        def __init__(self, tensor, key, owner):
-            self.tensor, self.key, self.owner = tensor, key, owner
-
-        def __del__(self):
-            self.owner.release(self.key)
-
     torch.manual_seed(0)
     tp, pp = kwargs.get("tensor_parallel_size", 1), kwargs.get("pipeline_parallel_size", 1)
     data = kwargs.get("data_parallel_size", devices // (tp * pp))
@@ -197,7 +127,7 @@ def worker(name: str, out: str, family: str = "bert") -> None:
     ids = torch.randint(1, vocab, (4 * BATCH, SEQ), generator=g)
     labels = torch.randint(0, labels_up_to, (4 * BATCH, SEQ), generator=g)
     module = Module()
-    saved = SavedBytes()
+    saved = SavedActivationBytes()
     trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=ModelParallelStrategy(**kwargs), max_steps=3,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[saved])

@@ -84,6 +84,8 @@ tree_unflatten = _require("torch.utils._pytree", "tree_unflatten")
 foreach_norm = _require("torch", "_foreach_norm")
 foreach_mul_ = _require("torch", "_foreach_mul_")
 composable_checkpoint = _require("torch.distributed._composable", "checkpoint")
+# Wrapper tensors (e.g. the AsyncCollectiveTensor of a functional collective) hold their bytes in an inner tensor.
+is_traceable_wrapper_subclass = _require("torch.utils._python_dispatch", "is_traceable_wrapper_subclass")
 # The collectives DTensor issues (tensor parallelism), as ops a selective checkpointing policy can keep.
 functional_collectives = _require("torch.ops", "_c10d_functional")
 get_default_store = _require("torch.distributed.distributed_c10d", "_get_default_store")
