@@ -103,6 +103,7 @@ def run_sft(cfg: DictConfig, original_cwd: Path, run_dir: Path) -> dict[str, flo
     from transformers import AutoTokenizer
 
     L.seed_everything(cfg.seed, workers=True)
+    common.unmap_large_allocations()  # freed activations and training state leave the process (see there)
     t, d, g = cfg.trainer, cfg.data, cfg.generation
     kwargs = common.parallel_kwargs(cfg)
     source = model_source(cfg, original_cwd)
