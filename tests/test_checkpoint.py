@@ -233,3 +233,43 @@ def test_a_rank_raising_mid_step_ends_every_rank_within_the_timeout(tmp_path):
     assert elapsed < timeout
     # The ranks that did not fail say which one did, and why.
     assert re.search(r"\[lightning_mp\] stopping rank [023]: rank 1 failed: ValueError: boom on purpose", proc.stderr)
+
+
+def test_validate_with_a_checkpoint_after_fit_restores_weights_not_the_optimizer(tmp_path, in_process_run):
+    """As Lightning: optimizer state is restored only when fitting. validate(ckpt_path=...) after fit loads the
+    weights and leaves the fitted optimizer's state alone (it used to be replaced by the checkpoint's, and the
+    checkpoint's optimizer state read for nothing)."""
+    import lightning as L
+
+    from lightning_mp import ModelParallelStrategy
+
+    class Tiny(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(4, 1)
+
+        def training_step(self, batch, batch_idx):
+            return self.layer(batch[0]).pow(2).mean()
+
+        def validation_step(self, batch, batch_idx):
+            self.log("val", self.layer(batch[0]).pow(2).mean())
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=0.1)
+
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 4)), batch_size=4)
+    trainer = L.Trainer(accelerator="cpu", devices=1, strategy=ModelParallelStrategy(save_distributed_checkpoint=False),
+                        max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0)
+    module = Tiny()
+    trainer.fit(module, data)
+    trainer.save_checkpoint(tmp_path / "saved.ckpt")
+    saved_weight = module.layer.weight.detach().clone()
+    with torch.no_grad():
+        module.layer.weight.add_(1.0)
+        for state in trainer.optimizers[0].state.values():
+            state["exp_avg"].add_(1.0)
+    moved = [state["exp_avg"].clone() for state in trainer.optimizers[0].state.values()]
+    trainer.validate(module, data, ckpt_path=tmp_path / "saved.ckpt", verbose=False)
+    assert torch.equal(module.layer.weight, saved_weight)
+    assert all(torch.equal(state["exp_avg"], m) for state, m in zip(trainer.optimizers[0].state.values(), moved))

@@ -31,11 +31,7 @@ from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.tensor import DTensor
 
-from lightning_mp.checkpoint.pretrained import INDEX_NAME, WEIGHTS_NAME
-
-SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
-                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-                      torch.uint8: "U8", torch.bool: "BOOL"}
+from lightning_mp.checkpoint.safetensors_files import INDEX_NAME, SAFETENSORS_DTYPES, WEIGHTS_NAME
 
 
 def export_hf_model(module: nn.Module, attribute: str, out_dir: str | Path, tokenizer: Any = None) -> Path | None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+from lightning.pytorch.trainer.states import TrainerFn
 from torch.optim import Optimizer
 
 from lightning_mp._compat import unwrap_optimizer
@@ -61,8 +62,11 @@ class CheckpointHooks:
         assert self.model is not None and self.lightning_module is not None
         with self._failure_watch.paused():
             path = Path(self.broadcast(str(checkpoint_path)))
-            rest = load_into(path, self.model, self.optimizers, self.lightning_module.strict_loading, weights_only,
-                             tied=self._tied_names)
+            # Optimizer state only when fitting, as Lightning restores it (restore_training_state): validate or
+            # test with ckpt_path after fit must neither replace the fitted optimizer's state nor read it.
+            fitting = self.lightning_module.trainer.state.fn == TrainerFn.FITTING
+            rest = load_into(path, self.model, self.optimizers if fitting else [], self.lightning_module.strict_loading,
+                             weights_only, tied=self._tied_names)
             restore_rng_states(rest)
             self.barrier()
         return rest

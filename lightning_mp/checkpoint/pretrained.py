@@ -4,7 +4,8 @@
 its weights are; the strategy loads each rank's slices after tensor/pipeline/FSDP sharding and before
 the optimizer exists (:func:`load_pending`). No rank ever holds more than its own shards plus one slice.
 
-Reading: ``torch.distributed.checkpoint`` with torch's ``HuggingFaceStorageReader``. It reads every
+Reading: ``torch.distributed.checkpoint`` with a subclass of torch's ``HuggingFaceStorageReader``
+(``safetensors_files.SliceReader``: only the checkpoint's own files, one file open at a time). It reads every
 tensor with safetensors' lazy ``get_slice`` (only the bytes of this rank's chunk leave the file) and
 works out each rank's chunk from the DTensor's own public chunk protocol, for every composition of
 FSDP (including the strided shards of FSDP over tensor parallelism), tensor parallelism and pipeline
@@ -18,24 +19,25 @@ under the same seed, hence identical on every rank), and non-persistent buffers 
 rotary ``inv_freq``), which ``to_empty`` leaves as uninitialised memory, are computed by the same
 ``_init_weights`` transformers runs when it loads on meta. Both are small; they are kept on the CPU and
 copied into the shards after materialization.
+
+Tied weights are tied on meta by transformers' own ``tie_weights`` with the checkpoint's missing keys (its
+rules, see :func:`from_pretrained`), so the plans see the tie (kept replicated over tensor ranks, split
+into two stage copies by a pipeline); every name of a tied group reads the one stored entry.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import struct
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
-from torch.distributed.checkpoint import HuggingFaceStorageReader
-from torch.futures import Future
 
-WEIGHTS_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
+from lightning_mp.checkpoint.safetensors_files import SliceReader, checkpoint_files, same_bytes
+
 CONFIG_NAME = "config.json"
 _ATTRIBUTE = "_lightning_mp_pretrained"  # on the HF model: where its weights are (our own attribute)
 
@@ -47,61 +49,7 @@ class PretrainedSource:
     directory: Path
     checkpoint_name: dict[str, str]  # model FQN -> key in the safetensors files
     initial: dict[str, Tensor] = field(default_factory=dict)  # missing parameters and non-persistent buffers
-
-
-# ---------------------------------------------------------------- reading headers (no tensor data)
-def _read_header(file: Path) -> dict[str, Any]:
-    """The safetensors header of ``file``; raises naming the file if it is missing, truncated or not safetensors."""
-    if not file.is_file():
-        raise FileNotFoundError(f"safetensors file {file} does not exist.")
-    size = file.stat().st_size
-    with open(file, "rb") as handle:
-        prefix = handle.read(8)
-        if len(prefix) < 8:
-            raise ValueError(f"{file} is not a safetensors file: {size} bytes, shorter than its 8-byte header length.")
-        (length,) = struct.unpack("<Q", prefix)
-        if length > size - 8:
-            raise ValueError(f"{file} is truncated or not a safetensors file: its header claims {length} bytes,"
-                             f" the file has {size}.")
-        try:
-            header = json.loads(handle.read(length))
-        except ValueError as error:
-            raise ValueError(f"{file} is not a safetensors file: its header is not JSON ({error}).") from None
-    header.pop("__metadata__", None)
-    end = max((entry["data_offsets"][1] for entry in header.values()), default=0)
-    if 8 + length + end > size:
-        raise ValueError(f"{file} is truncated: its tensors need {8 + length + end} bytes, the file has {size}"
-                         " (an interrupted download or copy?).")
-    return header
-
-
-def checkpoint_files(directory: Path) -> dict[str, tuple[Path, dict[str, Any]]]:
-    """Every tensor of the checkpoint in ``directory``: key -> (file, header entry). Single file or index."""
-    index = directory / INDEX_NAME
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text()).get("weight_map")
-        except ValueError as error:
-            raise ValueError(f"{index} is not JSON ({error}).") from None
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise ValueError(f"{index} has no 'weight_map': not a safetensors index.")
-        files = sorted(set(weight_map.values()))
-    elif (directory / WEIGHTS_NAME).is_file():
-        weight_map, files = None, [WEIGHTS_NAME]
-    else:
-        present = sorted(p.name for p in directory.iterdir())[:12]
-        raise ValueError(f"{directory} holds no {WEIGHTS_NAME} or {INDEX_NAME} (files: {', '.join(present)});"
-                         " lightning_mp.from_pretrained reads safetensors checkpoints (save_pretrained writes them).")
-    entries: dict[str, tuple[Path, dict[str, Any]]] = {}
-    for name in files:
-        header = _read_header(directory / name)
-        for key, entry in header.items():
-            entries[key] = (directory / name, entry)
-    if weight_map is not None:
-        absent = [key for key, name in weight_map.items() if entries.get(key, (None,))[0] != directory / name]
-        if absent:
-            raise ValueError(f"{index} lists tensors its files do not hold: {', '.join(absent[:6])}.")
-    return entries
+    ties: list[tuple[str, ...]] = field(default_factory=list)  # FQNs that are one parameter (tied weights)
 
 
 def _model_directory(path: str | os.PathLike) -> Path:
@@ -123,6 +71,14 @@ def from_pretrained(cls: Any, path: str | os.PathLike, **kwargs: Any) -> nn.Modu
 
     Checks before returning: the directory, every safetensors file (present, complete) and every tensor's
     shape against the model the config describes.
+
+    Tied weights (``tie_word_embeddings``, BERT's MLM decoder) are tied here as transformers ties them after
+    loading: the target becomes the source's parameter (one tensor, read once: HF checkpoints of tied models
+    hold only the source's name), the other way round when the checkpoint holds only the target, and not at
+    all when it holds both with different values (transformers warns and keeps both). ``to_empty`` in the
+    strategy makes a new parameter per module; :func:`load_pending` ties them again. Under a pipeline the
+    first and last stage hold separate copies of the one parameter (``pipeline/tied.py``), each filled from
+    the same checkpoint entry.
     """
     from transformers import AutoConfig
 
@@ -142,15 +98,13 @@ def from_pretrained(cls: Any, path: str | os.PathLike, **kwargs: Any) -> nn.Modu
         model = model_class(config, **model_kwargs)
     config.name_or_path = str(directory)
     names = _checkpoint_names(model, entries)
-    missing = set(model.state_dict()) - set(names)
-    tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
-    if tied & set(dict(model.named_parameters(remove_duplicate=False))):
-        raise NotImplementedError(
-            f"{model_class.__name__} ties {', '.join(sorted(tied))} to other parameters; sharded loading does not"
-            " keep ties yet. Load it with tie_word_embeddings=False, or with the class's own from_pretrained.")
     _check_shapes(model, names, entries, directory)
-    source = PretrainedSource(directory, names, _initial_values(model, missing))
-    setattr(model, _ATTRIBUTE, source)
+    stored_twice = _untie_differing(model, names, entries)
+    # transformers initialises what the checkpoint lacks, except tied targets (they are about to be tied), then ties.
+    missing = set(model.state_dict()) - set(names) - set(getattr(model, "all_tied_weights_keys", None) or {})
+    initial = _initial_values(model, missing)
+    ties = _tie(model, names, initial, stored_twice)
+    setattr(model, _ATTRIBUTE, PretrainedSource(directory, names, initial, ties))
     return model.eval()  # as from_pretrained returns it
 
 
@@ -203,6 +157,58 @@ def _check_shapes(model: nn.Module, names: dict[str, str], entries: dict, direct
                          f" (checkpoint keys: {', '.join(sorted(entries)[:6])}).")
 
 
+def _untie_differing(model: nn.Module, names: dict[str, str], entries: dict) -> set[str]:
+    """Tied targets the checkpoint holds too. Stored with the source's bytes they are tied (returned); stored
+    with other values transformers keeps both, untied, with a warning: so do we (dropped from the ties)."""
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    same = set()
+    for target, source in list(tied.items()):
+        if target in names and source in names:
+            if same_bytes(entries[names[target]], entries[names[source]]):
+                same.add(target)
+            else:
+                warnings.warn(f"the checkpoint holds {names[source]!r} and {names[target]!r} with different values,"
+                              f" though {type(model).__name__} ties {target} to {source}: both are loaded, untied"
+                              " (as transformers does); set tie_word_embeddings=False to say so.", stacklevel=3)
+                del tied[target]
+    return same
+
+
+def _tie(model: nn.Module, names: dict[str, str], initial: dict[str, Tensor], stored_twice: set[str]) -> list[tuple[str, ...]]:
+    """Tie the meta model with transformers' own ``tie_weights`` (its rules: the source takes the target's
+    place when only the target is stored, a group of three shares one source) and make every name of a tied
+    group read the one stored entry, or share the one computed value. Returns the groups of tied FQNs."""
+    if not getattr(model, "all_tied_weights_keys", None):
+        return []
+    model.tie_weights(missing_keys=(set(model.state_dict()) - set(names)) | stored_twice, recompute_mapping=False)
+    groups: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), []).append(name)
+    ties = [tuple(group) for group in groups.values() if len(group) > 1]
+    for group in ties:
+        stored = [names[name] for name in group if name in names]
+        computed = [initial[name] for name in group if name in initial]
+        for name in group:
+            if stored:  # read once, into every copy; nothing computed survives the tie
+                names[name] = stored[0]
+                initial.pop(name, None)
+            elif computed:
+                initial[name] = computed[0]
+    return ties
+
+
+def _retie(model: nn.Module, ties: list[tuple[str, ...]]) -> None:
+    """Make every name of a tied group the same parameter again (``to_empty`` gives each module its own).
+    Names this model does not hold are skipped: a pipeline rank holds one of the copies (the other stage's
+    rank the other), and ``check_ties`` refuses schedules that would put both stages on one rank."""
+    held = dict(model.named_parameters(remove_duplicate=False))
+    for group in ties:
+        present = [name for name in group if name in held]
+        for name in present[1:]:
+            owner_path, _, attribute = name.rpartition(".")
+            setattr(model.get_submodule(owner_path), attribute, held[present[0]])
+
+
 def _set_tensor(model: nn.Module, name: str, value: Tensor) -> None:
     owner_path, _, attribute = name.rpartition(".")
     owner = model.get_submodule(owner_path)
@@ -247,33 +253,9 @@ def load_pending(module: nn.Module, pending: list[tuple[str, PretrainedSource]],
     for path, source in pending:
         model = module.get_submodule(path)
         model.to_empty(device=device)  # this model only: other state in the LightningModule keeps its values
+        _retie(model, source.ties)
         load_weights(model, source)
         vars(model).pop(_ATTRIBUTE, None)  # loaded once: a second fit keeps the trained weights
-
-
-class SliceReader(HuggingFaceStorageReader):
-    """torch's reader, opening the file per tensor. torch's keeps a file open (memory-mapped) while it reads
-    all of this rank's slices from it, and touched pages of a mapped file count as the process's resident
-    memory until it is closed: a rank reading a quarter of every tensor of one 10 GB file would hold 2.5 GB
-    of mapped pages on top of its shards. Per tensor, at most one tensor's pages are mapped."""
-
-    def read_data(self, plan: Any, planner: Any) -> Future:
-        from safetensors import safe_open
-
-        for item in plan.items:
-            file = self.storage_data[item.storage_index].relative_path
-            chunk = tuple(slice(o, o + n) for o, n in zip(item.storage_offsets, item.lengths))
-            with safe_open(file, framework="pt") as handle:
-                value = handle.get_slice(item.storage_index.fqn)[chunk]
-            target = planner.resolve_tensor(item).detach()
-            if target.shape != value.shape:
-                raise ValueError(f"{item.storage_index.fqn} in {file}: chunk {tuple(value.shape)},"
-                                 f" expected {tuple(target.shape)}.")
-            target.copy_(value)
-            planner.commit_tensor(item, target)
-        done: Future = Future()
-        done.set_result(None)
-        return done
 
 
 def load_weights(model: nn.Module, source: PretrainedSource) -> None:

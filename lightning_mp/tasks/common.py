@@ -84,3 +84,24 @@ def build_trainer(cfg: DictConfig, kwargs: dict[str, Any], run_dir: Path, checkp
         num_sanity_val_steps=0,
     )
     return L.Trainer(**{**arguments, **overrides})
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
+
+
+def unmap_large_allocations(threshold_bytes: int = 256 << 10) -> bool:
+    """Have glibc's malloc give every allocation of at least ``threshold_bytes`` its own mapping, returned to
+    the system when freed. By default glibc raises that threshold up to 32 MiB as large blocks are freed, so
+    activations of batches of changing widths come from the heap, and the freed heap stays resident: measured
+    on the LLM recipe (SmolLM2, one process), 3.9 GB resident after training against 0.7 GB in use. Only
+    where the C library is glibc (Linux); returns whether it was applied."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # another C library (musl)
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, int(threshold_bytes)))

@@ -21,15 +21,17 @@ def chat_tokenizer():
     return tokenizer
 
 
-def tiny_llama_dir(path: Path, heads: int = 4, kv_heads: int = 2, layers: int = 2, hidden: int = 48) -> Path:
-    """A random Llama (``heads`` / ``kv_heads``, ``layers``) with the chat tokenizer, saved as an HF directory."""
+def tiny_llama_dir(path: Path, heads: int = 4, kv_heads: int = 2, layers: int = 2, hidden: int = 48,
+                   tied: bool = False) -> Path:
+    """A random Llama (``heads`` / ``kv_heads``, ``layers``; ``tied`` word embeddings, as SmolLM2's) with the chat
+    tokenizer, saved as an HF directory."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = chat_tokenizer()
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                         max_position_embeddings=256, tie_word_embeddings=False,
+                         max_position_embeddings=256, tie_word_embeddings=tied,
                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.convert_tokens_to_ids("[SEP]"))
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)

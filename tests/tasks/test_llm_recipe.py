@@ -24,7 +24,9 @@ SMALL = ["trainer.limit_train_batches=3", "data.max_train_examples=48", "trainer
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
-    return tiny_llama_dir(tmp_path_factory.mktemp("tiny-llama"), heads=6, kv_heads=3)
+    # Tied word embeddings, as SmolLM2's: loaded through lightning_mp.from_pretrained (tied on meta, retied
+    # after materializing; under a pipeline one copy per end stage).
+    return tiny_llama_dir(tmp_path_factory.mktemp("tiny-llama"), heads=6, kv_heads=3, tied=True)
 
 
 def compose_config(overrides: list[str]):
@@ -53,6 +55,32 @@ def test_recipe_evaluates_trains_exports_and_answers(tmp_path, tiny_model, in_pr
                                   capture_output=True, text=True, timeout=300, env=clean_env())
         assert answered.returncode == 0, answered.stderr[-3000:]
         assert answered.stdout.startswith(f"Hello\n  -> {generations['answers'][0]['after']}".rstrip())
+
+
+def test_module_loads_a_directory_through_lightning_mp_from_pretrained(tmp_path, tiny_model):
+    """Built on meta (the strategy loads each rank's shards); load_from_checkpoint materializes it first, so the
+    checkpoint's trained weights land in real tensors, and the tied embedding stays one parameter."""
+    import lightning
+    import torch
+    from safetensors.torch import load_file
+
+    from lightning_mp.checkpoint.pretrained import is_meta, materialize
+    from lightning_mp.tasks.llm.module import CausalLM
+
+    module = CausalLM(tiny_model)
+    assert is_meta(module.model) and module.model.training
+    materialize(module.model)
+    stored = load_file(tiny_model / "model.safetensors")
+    assert "lm_head.weight" not in stored
+    assert torch.equal(module.model.lm_head.weight, stored["model.embed_tokens.weight"])
+    with torch.no_grad():
+        module.model.model.embed_tokens.weight.add_(1.0)  # as if trained
+    path = tmp_path / "module.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+                "pytorch-lightning_version": lightning.__version__}, path)
+    loaded = CausalLM.load_from_checkpoint(path).model
+    assert not is_meta(loaded) and loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    assert torch.equal(loaded.lm_head.weight, module.model.lm_head.weight)
 
 
 @pytest.mark.parametrize("overrides,message", [

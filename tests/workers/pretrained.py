@@ -1,7 +1,11 @@
-"""Load a pretrained HF model with lightning_mp.from_pretrained under a layout, predict, optionally export.
+"""Load a pretrained HF model with lightning_mp.from_pretrained under a layout, predict, optionally train
+and export.
 
 Every rank writes ``<out>.rank<N>.pt``: the logits of the rows it predicted (by row index), its
-non-persistent buffers, and what it measured; with ``--export DIR`` the model is then exported.
+non-persistent buffers, which parameter names were one tensor when the strategy had loaded the weights
+(before any forward: FSDP's unsharding would re-point shared modules itself), and what it measured;
+``--fit-steps N`` then trains N SGD steps on the rows (labels: the ids) and gathers the weights again;
+with ``--export DIR`` the model is then exported.
 """
 
 from __future__ import annotations
@@ -56,9 +60,38 @@ class Pretrained(L.LightningModule):
         cls = model_class(cls_name)
         self.model = cls.from_pretrained(path, **kwargs) if plain else lightning_mp.from_pretrained(cls, path, **kwargs)
 
+    def on_predict_start(self) -> None:
+        self.tensors_after_loading = shared_tensors(self.model)
+
+    def training_step(self, batch, batch_idx):
+        return self.model(**batch).loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.5)
+
     def predict_step(self, batch, batch_idx):
         index = batch.pop("index")
         return {"index": index, "logits": self.model(**batch).logits.detach().cpu()}
+
+
+def shared_tensors(model: torch.nn.Module) -> dict[str, list]:
+    """Parameter names that are one object and one storage: {first name: [names, local storage pointers]}."""
+    groups: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), []).append(name)
+    params = dict(model.named_parameters(remove_duplicate=False))
+
+    def storage(name: str) -> int:
+        tensor = params[name]
+        return (tensor.to_local() if hasattr(tensor, "to_local") else tensor).untyped_storage().data_ptr()
+
+    return {names[0]: [names, sorted({storage(n) for n in names})] for names in groups.values() if len(names) > 1}
+
+
+def training_rows(inputs: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    return [{"input_ids": inputs["input_ids"][i], "attention_mask": inputs["attention_mask"][i],
+             "labels": labels[i]} for i in range(len(labels))]
 
 
 def peak_rss_bytes() -> int:
@@ -76,6 +109,7 @@ def main() -> None:
     parser.add_argument("--plain", action="store_true", help="the class's own from_pretrained on every rank")
     parser.add_argument("--export", default=None, help="export the loaded model as an HF directory here")
     parser.add_argument("--no-predict", action="store_true")
+    parser.add_argument("--fit-steps", type=int, default=0, help="then train this many SGD steps")
     args = parser.parse_args()
 
     from lightning_mp import ModelParallelStrategy
@@ -83,7 +117,8 @@ def main() -> None:
     layout = json.loads(args.layout)
     strategy = ModelParallelStrategy(**layout)
     trainer = L.Trainer(accelerator="cpu", devices=args.devices, strategy=strategy, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        max_steps=args.fit_steps, num_sanity_val_steps=0)
     baseline = peak_rss_bytes()
     module = Pretrained(args.cls, args.model_dir, json.loads(args.kwargs), args.plain)
     vocab = module.model.config.vocab_size
@@ -100,11 +135,19 @@ def main() -> None:
     result["load_rss"] = peak_rss_bytes()
     model = module.model
     result["buffers"] = {name: b.detach().cpu().clone() for name, b in model.named_buffers()}
+    result["shared_after_loading"] = module.tensors_after_loading
     if not args.no_predict:
         from lightning_mp.checkpoint.state import model_state
 
         full = model_state(model, full=True, pipeline_group=trainer.strategy.pipeline_group)  # collective
-        result["state_dict"] = {k: v.detach().cpu() for k, v in full.items()}
+        result["state_dict"] = {k: v.detach().cpu().clone() for k, v in full.items()}  # not the live weights
+    if args.fit_steps:
+        trainer.fit(module, DataLoader(training_rows(inputs), batch_size=len(inputs["input_ids"]) // data_size))
+        from lightning_mp.checkpoint.state import model_state
+
+        full = model_state(model, full=True, pipeline_group=trainer.strategy.pipeline_group)  # collective
+        result["trained_state_dict"] = {k: v.detach().cpu() for k, v in full.items()}
+        result["shared_after_training"] = shared_tensors(model)
     if args.export:
         from lightning_mp.checkpoint.export import export_hf_model
 

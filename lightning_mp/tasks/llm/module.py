@@ -14,6 +14,7 @@ import lightning as L
 import torch
 from torchmetrics import MeanMetric
 
+from lightning_mp.checkpoint.pretrained import from_pretrained, is_meta, materialize
 from lightning_mp.parallel.token_weighting import labelled_tokens
 
 
@@ -54,9 +55,10 @@ def prepare_gguf(gguf: Path, target: Path) -> Path:
 class CausalLM(L.LightningModule):
     """Fine-tunes ``AutoModelForCausalLM``; logs ``train_loss``, ``val_loss`` and ``val_perplexity``.
 
-    ``model_name_or_path``: a local Hugging Face directory, or a ``PretrainedConfig``/its dict for a randomly
-    initialised model of that shape (tests, planning). The loss is Hugging Face's: mean cross entropy over
-    the reply tokens (labels are shifted inside the model).
+    ``model_name_or_path``: a local Hugging Face directory (built on the meta device, each rank's shards loaded
+    by the strategy: ``lightning_mp.from_pretrained``), a hub id (online; loaded whole on every rank), or a
+    ``PretrainedConfig``/its dict for a randomly initialised model of that shape (tests, planning). The loss is
+    Hugging Face's: mean cross entropy over the reply tokens (labels are shifted inside the model).
     """
 
     def __init__(self, model_name_or_path: Any, learning_rate: float = 1e-4, weight_decay: float = 0.0,
@@ -69,13 +71,24 @@ class CausalLM(L.LightningModule):
         if isinstance(model_name_or_path, PretrainedConfig):
             self.model = AutoModelForCausalLM.from_config(model_name_or_path)
             source: Any = model_name_or_path.to_dict()
-        else:
+        elif Path(model_name_or_path).is_dir():
+            # Built on the meta device; the strategy loads each rank's shards only (lightning_mp.from_pretrained).
+            source = str(model_name_or_path)
+            self.model = from_pretrained(AutoModelForCausalLM, source, dtype=torch.float32)
+        else:  # a hub id (online): transformers downloads and loads it whole
             source = str(model_name_or_path)
             self.model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
         self.model.train()
         self.val_nll = MeanMetric()
         self.save_hyperparameters({"model_name_or_path": source, "learning_rate": learning_rate,
                                    "weight_decay": weight_decay, "warmup_ratio": warmup_ratio})
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # load_from_checkpoint rebuilds the module (a meta model) and then copies the checkpoint's weights into
+        # it, which on meta tensors would silently do nothing: give the model real tensors first. Under the
+        # strategy the model is already loaded when a checkpoint is restored, and this does nothing.
+        if is_meta(self.model):
+            materialize(self.model)
 
     def forward(self, **batch: torch.Tensor) -> Any:
         return self.model(**batch)

@@ -117,11 +117,20 @@ def _generate(source: Any, prompts: list[str], max_new_tokens: int) -> list[str]
     return answer(model, tokenizer, prompts, max_new_tokens)
 
 
+def _release_training_state(trainer: L.Trainer, module: L.LightningModule) -> None:
+    """After fit, gradients and optimizer state (3x the weights with AdamW) are not used again: the final
+    validation loads weights only, and rank 0 then loads the exported model for generation beside them."""
+    module.zero_grad(set_to_none=True)
+    for optimizer in trainer.optimizers:
+        optimizer.state.clear()
+
+
 def run_sft(cfg: DictConfig, original_cwd: Path, run_dir: Path) -> dict[str, float]:
     """Train, evaluate before/after, answer prompts before/after, export; returns the perplexities."""
     from transformers import AutoTokenizer
 
     L.seed_everything(cfg.seed, workers=True)
+    common.unmap_large_allocations()  # freed activations and training state leave the process (see there)
     t, d, g = cfg.trainer, cfg.data, cfg.generation
     kwargs = parallel_kwargs(cfg, original_cwd)
     source = model_source(cfg, original_cwd)
@@ -141,10 +150,13 @@ def run_sft(cfg: DictConfig, original_cwd: Path, run_dir: Path) -> dict[str, flo
     trainer = common.build_trainer(cfg, kwargs, run_dir, checkpoint, use_distributed_sampler=False)
     prompts = list(g.prompts) if g.enabled else []
 
+    # Before the first validate, while the module's model is still on the meta device: rank 0's copy for
+    # generation is then the only model in memory (it is freed before the strategy loads the shards).
+    answers_before = _generate(source, prompts, int(g.max_new_tokens)) if prompts and trainer.is_global_zero else []
     before = trainer.validate(module, datamodule=datamodule, verbose=False)[0]["val_perplexity"]
     _say(trainer, f"held-out perplexity before fine-tuning: {before:.3f}")
-    answers_before = _generate(source, prompts, int(g.max_new_tokens)) if prompts and trainer.is_global_zero else []
     trainer.fit(module, datamodule=datamodule)
+    _release_training_state(trainer, module)
     after = trainer.validate(module, datamodule=datamodule, verbose=False,
                              ckpt_path="best" if checkpoint.best_model_path else None)[0]["val_perplexity"]
     export_dir = export_hf_model(module, "model", run_dir / cfg.export_dir, tokenizer=tokenizer)
