@@ -89,6 +89,12 @@ class CausalLM(L.LightningModule):
         # strategy the model is already loaded when a checkpoint is restored, and this does nothing.
         if is_meta(self.model):
             materialize(self.model)
+        # A tied weight is stored once (lightning_mp/checkpoint/tied.py); a plain load_from_checkpoint (the
+        # generation script) loads strictly and wants the lm_head name too.
+        from lightning_mp.checkpoint.tied import add_tied_copies
+
+        if "state_dict" in checkpoint:
+            add_tied_copies(self, checkpoint["state_dict"])
 
     def forward(self, **batch: torch.Tensor) -> Any:
         return self.model(**batch)
@@ -111,14 +117,6 @@ class CausalLM(L.LightningModule):
         # compute() already holds every data-parallel rank's sum; sync_dist only averages equal values.
         self.log("val_perplexity", torch.exp(self.val_nll.compute()), sync_dist=True)
         self.val_nll.reset()
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # A tied weight is stored once (lightning_mp/checkpoint/tied.py); a plain load_from_checkpoint (the
-        # generation script) loads strictly and wants the lm_head name too.
-        from lightning_mp.checkpoint.tied import add_tied_copies
-
-        if "state_dict" in checkpoint:
-            add_tied_copies(self, checkpoint["state_dict"])
 
     def configure_optimizers(self) -> Any:
         """AdamW (no weight decay on < 2-D parameters: norms), linear warmup then cosine decay to 10%."""
