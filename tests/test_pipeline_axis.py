@@ -17,7 +17,7 @@ import torch
 from conftest import WORKERS, clean_env
 
 sys.path.insert(0, str(WORKERS))
-from tiny_bert import LABELS, VOCAB, tiny_config  # noqa: E402
+from tiny_bert import VOCAB, tiny_config  # noqa: E402
 from transformers import (  # noqa: E402
     BertForMaskedLM,
     BertForSequenceClassification,

@@ -13,7 +13,6 @@ test checks that lightning_mp and its recipes are imported from the new venv.
 
 from __future__ import annotations
 
-import os
 import shutil
 import site
 import subprocess
