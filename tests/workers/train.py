@@ -128,27 +128,26 @@ def main() -> None:
         in_order = {} if args.family is not None else {"shuffled": False}
         val_loader = make_loader(args.batch_size // data_size, size=38 if args.variable_width else 22, **in_order)
         result["validation"] = {k: float(v) for k, v in trainer.validate(module, val_loader, verbose=False)[0].items()}
-    if args.probe_logits:
-        batch = next(iter(make_loader(args.batch_size // data_size, single_process=single)))
-        with torch.no_grad():
-            logits = module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        placements = [str(p) for p in getattr(logits, "placements", ())]
-        local = logits.to_local() if placements else logits
-        result["logits"] = (type(logits).__name__, placements, tuple(local.shape), tuple(logits.shape))
-    if args.probe_hidden:
-        batch = next(iter(make_loader(args.batch_size // data_size, single_process=single)))
-        seen = []
+    if args.probe_logits or args.probe_hidden:
+        # One forward after training: the layout of the logits and of block 0's output (what a block hands on).
         from lightning_mp.plans import find_plan
 
+        def describe(tensor):
+            placements = [str(p) for p in getattr(tensor, "placements", ())]
+            local = tensor.to_local() if placements else tensor
+            return type(tensor).__name__, placements, tuple(local.shape), tuple(tensor.shape)
+
+        batch = next(iter(make_loader(args.batch_size // data_size, single_process=single)))
         _, planned, plan = find_plan(module)
+        seen = []
         hook = planned.get_submodule(plan.blocks)[0].register_forward_hook(lambda m, a, out: seen.append(out))
         with torch.no_grad():
-            planned(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            logits = planned(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         hook.remove()
-        hidden = seen[0][0] if isinstance(seen[0], tuple) else seen[0]
-        placements = [str(p) for p in getattr(hidden, "placements", ())]
-        local = hidden.to_local() if placements else hidden
-        result["hidden"] = (type(hidden).__name__, placements, tuple(local.shape), tuple(hidden.shape))
+        if args.probe_logits:
+            result["logits"] = describe(logits)
+        if args.probe_hidden:
+            result["hidden"] = describe(seen[0][0] if isinstance(seen[0], tuple) else seen[0])
     if args.strategy == "lightning_mp":
         from lightning_mp.checkpoint.state import model_state
         from lightning_mp.planner.measure import local_state_bytes
