@@ -1,7 +1,7 @@
 """Sequence parallelism and loss parallelism give the single-process losses and weights (3 SGD steps,
 fp32, right-padded rows of different lengths) while each rank holds only its share of the sequence
-between tensor-parallel regions (block outputs ``Shard(1)``) and of the logits (``Shard(2)``); what
-cannot work is refused before launch."""
+between tensor-parallel regions (block outputs ``Shard(1)``; under a pipeline, what the stages send) and
+of the logits (``Shard(2)``); what cannot work is refused before launch."""
 
 from __future__ import annotations
 
@@ -80,7 +80,36 @@ def test_sequence_parallel_matches_single_process(name, tmp_path, reference_runs
     assert global_shape[1] > 1 and local_shape[1] in (global_shape[1] // 2, (global_shape[1] + 1) // 2)
 
 
+# Under a pipeline (pp2×tp2) the stages send their sequence shards: what the first stage sends is tensor rank 0's
+# part of the batch's width, ceil(width / 2). Batches of 4 rows padded to their own longest: 11, 12 then 7 positions,
+# so the shards are uneven (6 + 5, 4 + 3) and their shapes change every step. BERT: post-norm encoder. Llama with
+# tied embeddings: the replicated embedding's output is cut into shards on the first stage, the tied head on the last
+# gathers them, and the gradients of the two copies are summed.
+SMALL_BATCHES = ("--batch-size", "4")
+PIPELINED = {
+    "bert_pp2xtp2": ("--family", "bert", "--optimizer", "sgd", "--lr", "0.1", *SMALL_BATCHES),
+    "llama_tied_pp2xtp2": (*LLAMA, *SMALL_BATCHES, "--config", '{"tie_word_embeddings": true}'),
+}
+PP2_TP2 = {"pipeline_parallel_size": 2, "tensor_parallel_size": 2, "data_parallel_size": 1, "microbatches": 2}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(PIPELINED))
+def test_sequence_parallel_under_a_pipeline_sends_sequence_shards(name, tmp_path, reference_runs):
+    extra = PIPELINED[name]
+    result = run_worker(tmp_path, devices=4, layout={**PP2_TP2, "sequence_parallel": True}, extra=(*extra, "--probe-sent"))
+    reference = reference_runs(*extra)
+    assert_matches(result, reference, f"sequence parallel ({name})")
+    (rows, width), sent = result["sent"]
+    print(f"first stage: input {(rows, width)}, sent {sent}")
+    assert width == 7 and sent == (rows, 4, tiny_hf.HIDDEN)  # the last batch: 7 positions, 4 on tensor rank 0
+    if "tied" in name:
+        state = result["state_dict"]
+        assert state["model.lm_head.weight"].equal(state["model.model.embed_tokens.weight"])
+
+
 def test_sequence_parallel_without_a_plan_for_it_is_refused_before_launch(no_child_processes):
-    module = tiny_hf.TinyHFModule("llama", layers=2, tie_word_embeddings=True)
-    with pytest.raises(ValueError, match="sequence_parallel=True, but LlamaForCausalLM has no sequence-parallel plan"):
+    module = tiny_hf.TinyHFModule("llama", layers=2)
+    module.model = module.model.model  # a bare LlamaModel would hand back sequence-sharded hidden states
+    with pytest.raises(ValueError, match="sequence_parallel=True, but LlamaModel has no sequence-parallel plan"):
         fit(2, module, tensor_parallel_size=2, sequence_parallel=True)
