@@ -77,3 +77,13 @@ def test_sequence_shards_sent_between_stages_follow_the_local_width():
     # Without the sent shape the shard would be read as a whole sequence that does not match the input's.
     with pytest.raises(NotDerivable, match=r"stage 1 input\[0\] has shape \(2, 6, 32\)"):
         derived_metadata(middle, (2, 12), (2, 7))
+
+
+def test_last_stage_logits_gradient_is_kept_under_sequence_shards():
+    """torch derives the last stage's output-gradient metadata from its outputs (the logits, ``[rows, width,
+    vocabulary]``, never sent): it does not lead with the sent shard's width, and must not stop the derivation
+    on the last stage's ranks while the first stage's derive (the stages would vote for different modes)."""
+    last = stage(1, 2, (meta(2, 6, 32, requires_grad=True),), (meta(2, 11, 5, requires_grad=True),),
+                 (meta(2, 6, 32),), (meta(2, 11, 5),))
+    derived = derived_metadata(last, (2, 11), (2, 12), ((2, 6), (2, 6)))
+    assert derived.inputs == (meta(2, 6, 32, requires_grad=True),) and derived.output_grads == (meta(2, 11, 5),)

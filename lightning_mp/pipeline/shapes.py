@@ -101,10 +101,11 @@ def derived_metadata(stage: Any, old: tuple[int, ...], new: tuple[int, ...],
     received = (old, new) if stage.stage_index == 0 else between
     return StageMeta(
         inputs=_follow_all(meta.inputs, *received, f"{name} input"),
-        # The last stage's outputs go to the loss, never to another stage: their shapes are not used.
+        # The last stage's outputs go to the loss, never to another stage, and their gradients come from the loss
+        # (torch derives their metadata from the outputs'): neither shape is used.
         outputs=_follow_all(meta.outputs, *between, f"{name} output", keep_if_not=stage.is_last),
         input_grads=_follow_all(meta.input_grads, *received, f"{name} input gradient"),
-        output_grads=_follow_all(meta.output_grads, *between, f"{name} output gradient"),
+        output_grads=_follow_all(meta.output_grads, *between, f"{name} output gradient", keep_if_not=stage.is_last),
     )
 
 
