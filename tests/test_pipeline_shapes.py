@@ -75,7 +75,7 @@ def test_sequence_shards_sent_between_stages_follow_the_local_width():
     assert derived.inputs == derived.outputs == (meta(2, 3, 32, requires_grad=True),)
     assert derived.input_grads == derived.output_grads == (meta(2, 3, 32),)
     # Without the sent shape the shard would be read as a whole sequence that does not match the input's.
-    with pytest.raises(NotDerivable, match=r"stage 1 input\[0\] has shape \(2, 6, 32\)"):
+    with pytest.raises(NotDerivable, match=r"stage 1 output\[0\] has shape \(2, 6, 32\)"):
         derived_metadata(middle, (2, 12), (2, 7))
 
 

@@ -50,12 +50,6 @@ def test_loss_parallel_with_tied_embeddings_is_refused_before_launch(no_child_pr
         fit(2, module, tensor_parallel_size=2, loss_parallel=True)
 
 
-def test_loss_parallel_with_a_pipeline_is_refused_before_launch(no_child_processes):
-    module = tiny_hf.TinyHFModule("llama", layers=2)
-    with pytest.raises(ValueError, match="loss_parallel=True with pipeline_parallel_size=2 is not supported"):
-        fit(4, module, tensor_parallel_size=2, pipeline_parallel_size=2, loss_parallel=True)
-
-
 # Sequence parallelism: norms, dropouts and the residual stream on sequence shards between the tensor-parallel
 # regions. With loss parallelism on too at dp2×tp2: the sequence-sharded final norm feeds the vocabulary-sharded head.
 # tp2 alone runs for every family with a plan in tests/test_hf_parity.py.
@@ -106,6 +100,21 @@ def test_sequence_parallel_under_a_pipeline_sends_sequence_shards(name, tmp_path
     if "tied" in name:
         state = result["state_dict"]
         assert state["model.lm_head.weight"].equal(state["model.model.embed_tokens.weight"])
+
+
+@pytest.mark.slow
+def test_loss_parallel_under_a_pipeline_matches_single_process(tmp_path, reference_runs):
+    """pp2×tp2 with sequence and loss parallelism: the last stage's head keeps the logits vocabulary-sharded and
+    the loss and its backward run inside the schedule; in validation the sharded logits reach the first stage's
+    ranks shard by shard (each tensor rank's pipeline group carries its own), where the model's ``.loss`` is the
+    same number (22 rows: the last batch of 2 rows is one row per microbatch)."""
+    extra = (*LLAMA, *SMALL_BATCHES, "--validate")
+    layout = {**PP2_TP2, "sequence_parallel": True, "loss_parallel": True}
+    result, reference = run_worker(tmp_path, devices=4, layout=layout, extra=extra), reference_runs(*extra)
+    assert_matches(result, reference, "loss parallel under a pipeline")
+    val_loss, expected = result["validation"]["val_loss"], reference["validation"]["val_loss"]
+    print(f"val_loss {val_loss:.7f}, one process {expected:.7f}")
+    assert val_loss == pytest.approx(expected, abs=FP32_TOLERANCE)
 
 
 def test_sequence_parallel_without_a_plan_for_it_is_refused_before_launch(no_child_processes):

@@ -74,7 +74,7 @@ def resolve_plan(module: nn.Module, user_plan: Optional[ModelPlan], shape: MeshS
     if sequence_parallel:
         plan = replace(plan, tensor_parallel=sequence_parallel_plan(plan))
     if config.loss_parallel:
-        check_loss_parallel(plan, shape.tensor, shape.pipeline)
+        check_loss_parallel(plan, shape.tensor)
         if shape.tensor > 1:
             plan = with_sharded_head(plan, sequence_sharded_input=sequence_parallel)
     return PlannedModel(path, model, plan)
@@ -176,6 +176,7 @@ def _parallelize_pipeline(module: nn.Module, planned: PlannedModel, mesh: Device
     )
     runtime.may_reinfer_shapes = dp_mesh is None
     runtime.sequence_shards = shards
+    runtime.tensor_mesh = mesh[TENSOR]
     parent_path, _, name = planned.path.rpartition(".")
     parent = module.get_submodule(parent_path) if parent_path else module
     setattr(parent, name, runtime.shell)  # the unsplit model is dropped here

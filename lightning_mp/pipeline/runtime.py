@@ -124,6 +124,7 @@ class PipelineRuntime:
         self.may_reinfer_shapes = False
         # Set under sequence parallelism: the stages send their sequence shards (see sequence_shards.py).
         self.sequence_shards: Optional[SequenceShardedStages] = None
+        self.tensor_mesh: Optional[DeviceMesh] = None  # set by the caller; DTensor outputs are rebuilt on it
 
     # ------------------------------------------------------------ properties
     @property

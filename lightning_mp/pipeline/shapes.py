@@ -34,6 +34,7 @@ peer to disagree with); with them the step fails with a ValueError naming the te
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Optional, Sequence
 
 import torch
@@ -99,13 +100,19 @@ def derived_metadata(stage: Any, old: tuple[int, ...], new: tuple[int, ...],
     name = f"stage {stage.stage_index}"
     between = sent or (old, new)
     received = (old, new) if stage.stage_index == 0 else between
+    # The last stage's outputs go to the loss, never to another stage, and their gradients come from the loss:
+    # neither shape is used (a DTensor output, vocabulary-sharded logits under loss parallelism, is kept as it was).
+    outputs = _follow_all(meta.outputs, *between, f"{name} output", keep_if_not=stage.is_last)
+    output_grads = _follow_all(meta.output_grads, *between, f"{name} output gradient", keep_if_not=stage.is_last)
+    if stage.is_last and output_grads is None and outputs is not None:
+        # What torch derives itself for plain outputs; for DTensor outputs it would otherwise infer them, running the
+        # stage again (and comparing what it infers with the metadata given here).
+        output_grads = tuple(None if m is None else replace(m, requires_grad=False) for m in outputs)
     return StageMeta(
         inputs=_follow_all(meta.inputs, *received, f"{name} input"),
-        # The last stage's outputs go to the loss, never to another stage, and their gradients come from the loss
-        # (torch derives their metadata from the outputs'): neither shape is used.
-        outputs=_follow_all(meta.outputs, *between, f"{name} output", keep_if_not=stage.is_last),
+        outputs=outputs,
         input_grads=_follow_all(meta.input_grads, *received, f"{name} input gradient"),
-        output_grads=_follow_all(meta.output_grads, *between, f"{name} output gradient", keep_if_not=stage.is_last),
+        output_grads=output_grads,
     )
 
 
