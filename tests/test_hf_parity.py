@@ -13,7 +13,8 @@ test keeps lr 1 (2 layers: 4e-8 against 3.8e-3 when the labels are counted unshi
 Decoders train as causal LMs with plans derived from transformers' own tp/pp plans (plans/hf.py).
 Encoders (RoBERTa, DistilBERT) train as token classifiers with the shipped plans.
 
-Every family runs tp2, pp2 (1f1b), dp2×tp2 and pp2×tp2. One multi-process launch per layout trains every
+Every family runs tp2, pp2 (1f1b), dp2×tp2 and pp2×tp2, and tp2 and pp2×tp2 with sequence parallelism (ELECTRA
+too under those two). One multi-process launch per layout trains every
 family in turn in the same processes (``workers/hf_matrix.py``, one Trainer per family), against one
 single-process launch for all of them: starting 2-4 ranks costs as much as training a tiny model, and the
 suite runs on 2 cores. Adding a family is one line in ``tests/workers/tiny_hf.py`` and one in
