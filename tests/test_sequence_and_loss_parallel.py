@@ -103,18 +103,22 @@ def test_sequence_parallel_under_a_pipeline_sends_sequence_shards(name, tmp_path
 
 
 @pytest.mark.slow
-def test_loss_parallel_under_a_pipeline_matches_single_process(tmp_path, reference_runs):
-    """pp2×tp2 with sequence and loss parallelism: the last stage's head keeps the logits vocabulary-sharded and
-    the loss and its backward run inside the schedule; in validation the sharded logits reach the first stage's
-    ranks shard by shard (each tensor rank's pipeline group carries its own), where the model's ``.loss`` is the
-    same number (22 rows: the last batch of 2 rows is one row per microbatch)."""
-    extra = (*LLAMA, *SMALL_BATCHES, "--validate")
-    layout = {**PP2_TP2, "sequence_parallel": True, "loss_parallel": True}
-    result, reference = run_worker(tmp_path, devices=4, layout=layout, extra=extra), reference_runs(*extra)
-    assert_matches(result, reference, "loss parallel under a pipeline")
+def test_loss_and_sequence_parallel_under_a_pipeline_with_data_parallelism(tmp_path, reference_runs):
+    """pp2×dp2×tp2 with sequence and loss parallelism (8 ranks, about 3 minutes): the last stage's head keeps the
+    logits vocabulary-sharded and the loss and its backward run inside the schedule; the stages send sequence
+    shards whose shapes are derived for every new width without torch's re-inference (data-parallel peers'
+    batches differ in width); in validation the sharded logits reach the first stage's ranks shard by shard, where
+    the model's ``.loss`` is the same number (22 rows: the last local batches are padded to the microbatches)."""
+    extra = (*LLAMA, "--batch-size", "8", "--validate")
+    layout = {**PP2_TP2, "data_parallel_size": 2, "sequence_parallel": True, "loss_parallel": True}
+    result, reference = run_worker(tmp_path, devices=8, layout=layout, extra=(*extra, "--probe-sent"), timeout=600), \
+        reference_runs(*extra)
+    assert_matches(result, reference, "loss and sequence parallel under a pipeline")
     val_loss, expected = result["validation"]["val_loss"], reference["validation"]["val_loss"]
-    print(f"val_loss {val_loss:.7f}, one process {expected:.7f}")
+    print(f"val_loss {val_loss:.7f}, one process {expected:.7f}; first stage {result['sent']}")
     assert val_loss == pytest.approx(expected, abs=FP32_TOLERANCE)
+    (rows, width), sent = result["sent"]
+    assert sent == (rows, (width + 1) // 2, tiny_hf.HIDDEN)
 
 
 def test_sequence_parallel_without_a_plan_for_it_is_refused_before_launch(no_child_processes):
