@@ -13,9 +13,10 @@ every rank measures:
 
 "peak" below is parameters + gradients + optimizer state + peak saved activations on the fullest rank,
 predicted vs measured. Transient buffers (FSDP all-gather buffers, temporaries inside one op) are not in
-either: CPU tensors have no allocator statistics to measure them with. Activation checkpointing is not in
-the table: its recomputation keeps tensors through saved-tensor hooks of its own, which hide them from
-these (the formula's checkpointing term is therefore not validated here).
+either: CPU tensors have no allocator statistics to measure them with. The Llama layouts include sequence
+parallelism, loss parallelism and selective checkpointing (what its policy keeps is reported to the
+measurement); full checkpointing is not in the table, and no layout measures a block's recomputation in
+backward: checkpointing keeps those tensors through saved-tensor hooks of its own, which hide them.
 """
 
 from __future__ import annotations
