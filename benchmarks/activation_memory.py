@@ -274,7 +274,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--layouts", nargs="*", default=list(LAYOUTS))
     args = parser.parse_args()
     if args.worker:
