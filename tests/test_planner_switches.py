@@ -15,7 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaFor
 
 from lightning_mp import ModelParallelStrategy
 from lightning_mp.parallel.activation_checkpointing import apply_activation_checkpointing
-from lightning_mp.planner import (Cluster, DecoderShape, Layout, ModelShape, activation_bytes, choose, memory,
+from lightning_mp.planner import (Cluster, Layout, ModelShape, activation_bytes, choose, memory,
                                   shape_from_config)
 from lightning_mp.planner.measure import SavedActivationBytes
 from lightning_mp.plans import find_plan
