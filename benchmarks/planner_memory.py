@@ -13,9 +13,10 @@ every rank measures:
 
 "peak" below is parameters + gradients + optimizer state + peak saved activations on the fullest rank,
 predicted vs measured. Transient buffers (FSDP all-gather buffers, temporaries inside one op) are not in
-either: CPU tensors have no allocator statistics to measure them with. Activation checkpointing is not in
-the table: its recomputation keeps tensors through saved-tensor hooks of its own, which hide them from
-these (the formula's checkpointing term is therefore not validated here).
+either: CPU tensors have no allocator statistics to measure them with. The Llama layouts include sequence
+parallelism, loss parallelism and selective checkpointing (what its policy keeps is reported to the
+measurement); full checkpointing is not in the table, and no layout measures a block's recomputation in
+backward: checkpointing keeps those tensors through saved-tensor hooks of its own, which hide them.
 """
 
 from __future__ import annotations
@@ -45,8 +46,16 @@ LAYOUTS = {
                       "pipeline_schedule": "gpipe"}),
     "pp2_m8": (2, {"pipeline_parallel_size": 2, "data_parallel_size": 1, "microbatches": 8}),
     "pp2xdp2": (4, {"pipeline_parallel_size": 2, "data_parallel_size": 2, "microbatches": 2}),
+    # Decoders only: sequence parallelism, loss parallelism, selective activation checkpointing.
+    "tp2_sp": (2, {"tensor_parallel_size": 2, "data_parallel_size": 1, "sequence_parallel": True}),
+    "tp2_lp": (2, {"tensor_parallel_size": 2, "data_parallel_size": 1, "loss_parallel": True}),
+    "single_sac": (1, {"activation_checkpointing": "selective"}),
+    "tp2_sac": (2, {"tensor_parallel_size": 2, "data_parallel_size": 1, "activation_checkpointing": "selective"}),
+    "dp2xtp2_sp_lp_sac": (4, {"data_parallel_size": 2, "tensor_parallel_size": 2, "sequence_parallel": True,
+                              "loss_parallel": True, "activation_checkpointing": "selective"}),
 }
-LLAMA_LAYOUTS = ["single", "dp2", "tp2", "dp2xtp2", "pp2", "pp2xdp2"]
+LLAMA_LAYOUTS = ["single", "dp2", "tp2", "dp2xtp2", "pp2", "pp2xdp2", "tp2_sp", "tp2_lp", "single_sac", "tp2_sac",
+                 "dp2xtp2_sp_lp_sac"]
 
 
 def layout_of(kwargs: dict, devices: int):
@@ -56,7 +65,8 @@ def layout_of(kwargs: dict, devices: int):
     dp = kwargs.get("data_parallel_size", devices // (tp * pp))
     mode = kwargs.get("data_parallel_mode", "fully_sharded")
     return Layout(dp, tp, pp, mode, kwargs.get("data_parallel_replicate_size", 1), kwargs.get("microbatches", 1),
-                  kwargs.get("pipeline_schedule", "1f1b"), kwargs.get("activation_checkpointing", False))
+                  kwargs.get("pipeline_schedule", "1f1b"), kwargs.get("activation_checkpointing", False),
+                  kwargs.get("sequence_parallel", False), kwargs.get("loss_parallel", False))
 
 
 def shape_of(family: str):

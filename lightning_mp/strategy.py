@@ -82,10 +82,12 @@ class ModelParallelStrategy(CheckpointHooks, StepHooks, ParallelStrategy):
         progress_timeout: seconds (or a timedelta) without a training step or evaluation batch on any rank
             after which the job prints where every rank is and exits with code 1; ``"auto"``: 300 s, or half
             of ``timeout`` when that is shorter; ``None``: never (see ``processes/watch.py``).
-        layout: ``"auto"``: the planner (``lightning_mp.planner``) chooses every degree, microbatches, FSDP mode
-            and activation checkpointing for the model, world size and ``device_memory_gb`` (default: read
-            from the GPU), given ``global_batch_size`` and ``sequence_length``; the degree arguments are
-            then ignored. Decided when the model is known, before any process starts.
+        layout: ``"auto"``: the planner (``lightning_mp.planner``) chooses every degree, microbatches, FSDP mode,
+            activation checkpointing (none, full or selective) and sequence parallelism for the model, world size
+            and ``device_memory_gb`` (default: read from the GPU), given ``global_batch_size`` and
+            ``sequence_length``; the degree arguments are then ignored. ``loss_parallel=True`` lets it turn loss
+            parallelism on where it applies (it changes what ``.logits`` is, so it is never chosen unasked).
+            Decided when the model is known, before any process starts.
     """
 
     strategy_name = "lightning_mp"
@@ -135,7 +137,8 @@ class ModelParallelStrategy(CheckpointHooks, StepHooks, ParallelStrategy):
         super().__init__(**kwargs)
         if layout not in ("manual", "auto"):
             raise ValueError(f"layout={layout!r}: use 'manual' (the degrees you pass) or 'auto' (the planner's).")
-        self._auto = AutoLayout(global_batch_size, sequence_length, device_memory_gb) if layout == "auto" else None
+        self._auto = (AutoLayout(global_batch_size, sequence_length, device_memory_gb, loss_parallel)
+                      if layout == "auto" else None)
         self._layout_chosen = False
         self.parallel_config = ParallelConfig(
             data_parallel_size=data_parallel_size,
@@ -248,9 +251,7 @@ class ModelParallelStrategy(CheckpointHooks, StepHooks, ParallelStrategy):
         assert self._auto is not None
         accelerator = self.root_device.type if self.parallel_devices else "auto"
         chosen = self._auto.choose_for(model, self.num_processes, self.num_nodes, self._precision, accelerator)
-        self.parallel_config = ParallelConfig(**chosen.layout.strategy_kwargs(),
-                                              loss_parallel=self.parallel_config.loss_parallel,
-                                              sequence_parallel=self.parallel_config.sequence_parallel)
+        self.parallel_config = ParallelConfig(**chosen.layout.strategy_kwargs())
         self._layout_chosen = True
         rank_zero_info(f"layout='auto': {chosen.summary()}")
 

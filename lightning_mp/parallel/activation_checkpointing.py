@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import inspect
 from functools import partial
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 from torch import nn
@@ -34,8 +34,18 @@ KEPT_OPS = frozenset(op.default for op in (
 ))
 
 
+# Called with every output selective checkpointing keeps (in forward): torch stores those outside autograd's
+# saved tensors, where saved-tensor hooks cannot see them; ``planner.measure.SavedActivationBytes`` counts them.
+kept_output_watchers: list[Callable[[Any], None]] = []
+
+
 def _keep_expensive_ops(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
-    return CheckpointPolicy.MUST_SAVE if op in KEPT_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+    if op not in KEPT_OPS:
+        return CheckpointPolicy.PREFER_RECOMPUTE
+    if kept_output_watchers and not ctx.is_recompute:
+        for watch in kept_output_watchers:
+            watch(ctx.op_output)
+    return CheckpointPolicy.MUST_SAVE
 
 
 def apply_activation_checkpointing(blocks: Iterable[nn.Module], mode: str = "full",

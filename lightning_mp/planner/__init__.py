@@ -6,7 +6,8 @@ Korthikanti et al. 2022 adjusted per family), ``time`` the step-time estimate, `
 
 from lightning_mp.planner.inputs import BYTES, PARAM_BYTES, Cluster, Layout, ModelShape, device_memory_gb
 from lightning_mp.planner.memory import (Memory, activation_bytes, activation_bytes_per_rank, chunk_size,
-                                         fullest_state_bytes, in_flight, memory, stage_parts, state_bytes)
+                                         fullest_state_bytes, in_flight, memory, stage_parts, state_bytes,
+                                         switch_problems)
 from lightning_mp.planner.search import AutoLayout, Candidate, candidates, choose, format_table
 from lightning_mp.planner.shapes import DecoderShape, LayerActivations, shape_from_config
 from lightning_mp.planner.time import StepTime, bubble_fraction, step_time
@@ -14,4 +15,4 @@ from lightning_mp.planner.time import StepTime, bubble_fraction, step_time
 __all__ = ["AutoLayout", "BYTES", "Candidate", "Cluster", "DecoderShape", "LayerActivations", "Layout", "Memory",
            "ModelShape", "PARAM_BYTES", "StepTime", "activation_bytes", "activation_bytes_per_rank", "bubble_fraction",
            "candidates", "choose", "chunk_size", "device_memory_gb", "format_table", "fullest_state_bytes", "in_flight",
-           "memory", "shape_from_config", "stage_parts", "state_bytes", "step_time"]
+           "memory", "shape_from_config", "stage_parts", "state_bytes", "step_time", "switch_problems"]

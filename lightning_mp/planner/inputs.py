@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
-from lightning_mp.config import PRECISIONS
+from lightning_mp.config import PRECISIONS, checkpoint_mode
 from lightning_mp.planner.shapes import LayerActivations
 
 # Bytes per element of activations / gathered parameters, and of stored parameters, per Lightning precision.
@@ -60,6 +60,7 @@ class ModelShape:
         return count(self.embedding_tensors()) + self.layers * count(self.layer_tensors()) + count(self.head_tensors())
 
     tied = False  # the classifier head has its own weights
+    vocabulary_sharded_head = False  # the classifier is replicated over tensor ranks
 
     @property
     def attention_width(self) -> int:
@@ -73,20 +74,35 @@ class ModelShape:
     # Activations per microbatch of b sequences × s tokens (planner/memory.py documents the BERT count):
     # replicated over tensor ranks the layer input, two LayerNorm inputs, the FFN input, fp32 LayerNorm
     # statistics and dropout masks; split the q, k, v, attention output, FFN activation in/out, log-sum-exp.
-    def layer_activations(self, b: float, s: int, t: int, element: int) -> LayerActivations:
+    def layer_activations(self, b: float, s: int, t: int, element: int,
+                          sequence_parallel: bool = False) -> LayerActivations:  # not modelled: switch_problem
         h, i, a = self.hidden, self.intermediate, self.heads
         replicated = 4 * s * b * h * element + 4 * s * b * 4 + (2 * s * b * h if self.dropout else 0)
         return LayerActivations(replicated, (4 * s * b * h + 2 * s * b * i + s * b * a) * element / t)
 
-    def checkpointed_layer_bytes(self, b: float, s: int, t: int, element: int) -> float:
+    def checkpointed_layer_bytes(self, b: float, s: int, t: int, element: int,
+                                 sequence_parallel: bool = False) -> float:
         return s * b * self.hidden * element
 
-    def stage_activation_bytes(self, b: float, s: int, t: int, element: int, first: bool, last: bool) -> float:
-        """Embeddings: the LayerNorm input and two index tensors; head: its input, fp32 log-probabilities,
-        labels; one dropout mask each."""
-        total = (s * b * self.hidden * element + 2 * s * b * 8) if first else 0
-        total += (s * b * self.hidden * element + s * b * self.labels * 4 + s * b * 8) if last else 0
-        return total + (s * b * self.hidden if self.dropout else 0) * (first + last)
+    def switch_problem(self, switch: str, tp: int, pp: int) -> Optional[str]:
+        """Sequence parallelism and selective checkpointing exist for BERT in the strategy but are not
+        modelled here; loss parallelism needs a vocabulary-sharded head, which a token classifier lacks."""
+        if switch == "loss_parallel":
+            return "loss_parallel needs a vocabulary-sharded head; BERT's token classifier is replicated"
+        return f"{switch} is not modelled by the planner for BERT"
+
+    def head_activation_bytes(self, b: float, s: int, t: int, element: int, **_: Any) -> float:
+        """The classifier's input, fp32 log-probabilities, labels (and its dropout mask)."""
+        return (s * b * self.hidden * element + s * b * self.labels * 4 + s * b * 8
+                + (s * b * self.hidden if self.dropout else 0))
+
+    def stage_activation_bytes(self, b: float, s: int, t: int, element: int, first: bool, last: bool,
+                               **_: Any) -> float:
+        """Embeddings: the LayerNorm input and two index tensors (and a dropout mask); the head's
+        ``head_activation_bytes``."""
+        total = (s * b * self.hidden * element + 2 * s * b * 8 + (s * b * self.hidden if self.dropout else 0)
+                 if first else 0)
+        return total + (self.head_activation_bytes(b, s, t, element) if last else 0)
 
 
 @dataclass(frozen=True)
@@ -117,17 +133,25 @@ class Layout:
     replicate: int = 1  # hybrid: replicas of the sharded group
     microbatches: int = 1
     schedule: str = "1f1b"
-    activation_checkpointing: bool = False
+    activation_checkpointing: Union[bool, str] = False  # False | True (= "full") | "full" | "selective"
+    sequence_parallel: bool = False  # norms and residual stream on sequence shards (tensor > 1, no pipeline)
+    loss_parallel: bool = False  # cross-entropy on vocabulary-sharded logits (tensor > 1, untied head, no pipeline)
 
     @property
     def shard(self) -> int:
         return {"fully_sharded": self.data, "replicated": 1}.get(self.mode, self.data // self.replicate)
 
+    @property
+    def checkpointing(self) -> Optional[str]:
+        """None, "full" or "selective"."""
+        return checkpoint_mode(self.activation_checkpointing)
+
     def strategy_kwargs(self) -> dict[str, Any]:
         """The ModelParallelStrategy arguments of this layout."""
         kwargs: dict[str, Any] = dict(data_parallel_size=self.data, tensor_parallel_size=self.tensor,
                                       pipeline_parallel_size=self.pipeline, data_parallel_mode=self.mode,
-                                      activation_checkpointing=self.activation_checkpointing)
+                                      activation_checkpointing=self.checkpointing or False,
+                                      sequence_parallel=self.sequence_parallel, loss_parallel=self.loss_parallel)
         if self.mode == "hybrid":
             kwargs["data_parallel_replicate_size"] = self.replicate
         if self.pipeline > 1:
@@ -140,7 +164,9 @@ class Layout:
             text += f"({self.replicate}x{self.shard})"
         if self.pipeline > 1:
             text += f" {self.schedule} m={self.microbatches}"
-        return text + (" +AC" if self.activation_checkpointing else "")
+        text += " +SP" if self.sequence_parallel else ""
+        text += " +LP" if self.loss_parallel else ""
+        return text + {None: "", "full": " +AC", "selective": " +SAC"}[self.checkpointing]
 
 
 def device_memory_gb(accelerator: str = "auto") -> float:

@@ -11,7 +11,10 @@ from lightning.pytorch.callbacks import Callback
 from lightning_mp._compat import is_traceable_wrapper_subclass
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.optim import Optimizer
+
+from lightning_mp.parallel.activation_checkpointing import kept_output_watchers
 
 
 def _local_bytes(tensor: Tensor) -> int:
@@ -32,21 +35,55 @@ class SavedActivationBytes(Callback):
     """Bytes autograd keeps for backward during each training step, counted once per storage, parameters
     (and views of them) excluded: ``peak`` over the steps, and ``held_between_steps`` (what is still held
     when a step starts; nothing should be). The activation memory the planner's formula estimates; CPU
-    tensors have no allocator statistics, and this counts what autograd holds on any device."""
+    tensors have no allocator statistics, and this counts what autograd holds on any device.
+
+    Under activation checkpointing a block's input is saved through these hooks, and the outputs selective
+    checkpointing keeps are reported by its policy (``kept_output_watchers``) and counted until their
+    storage is freed. Not seen: what a block's recomputation keeps in backward (checkpointing's own hooks
+    hide it) and the keyword arguments a checkpoint holds (rotary cos/sin: one small table per step)."""
 
     def __init__(self) -> None:
         self.live, self.peak, self.held_between_steps = 0, 0, 0
         self._refs: dict[int, tuple[int, int]] = {}
+        self._kept: dict[int, StorageWeakRef] = {}  # outputs selective checkpointing holds, until freed
         self._module: nn.Module | None = None
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
 
     def on_train_batch_start(self, trainer: Any, pl_module: nn.Module, *args: Any) -> None:
         self._module = pl_module
+        self._release_freed()
         self.held_between_steps = max(self.held_between_steps, self.live)
         self._hooks.__enter__()
+        kept_output_watchers.append(self._keep)
 
     def on_train_batch_end(self, *args: Any) -> None:
         self._hooks.__exit__(None, None, None)
+        kept_output_watchers.remove(self._keep)
+        self._release_freed()
+
+    def _keep(self, output: Any) -> None:
+        self._release_freed()  # before adding: a freed storage's address may be reused
+        for tensor in (output if isinstance(output, (tuple, list)) else (output,)):
+            if not isinstance(tensor, Tensor):
+                continue
+            storage = _plain(tensor).untyped_storage()
+            key = storage.data_ptr()
+            if key in self._kept or key in self._parameter_storages():
+                continue
+            self._kept[key] = StorageWeakRef(storage)
+            self._add(key, storage.nbytes())
+
+    def _release_freed(self) -> None:
+        for key in [key for key, ref in self._kept.items() if ref.expired()]:
+            del self._kept[key]
+            self._release(key)
+
+    def _add(self, key: int, size: int) -> None:
+        count, size = self._refs.get(key, (0, size))
+        if count == 0:
+            self.live += size
+            self.peak = max(self.peak, self.live)
+        self._refs[key] = (count + 1, size)
 
     def _parameter_storages(self) -> set[int]:
         # Read at every pack: FSDP swaps sharded and gathered (unsharded) parameters during a step.
@@ -58,11 +95,8 @@ class SavedActivationBytes(Callback):
         key = storage.data_ptr()
         if key in self._parameter_storages():  # a linear keeps its weight (or its transpose): not an activation
             return tensor
-        count, size = self._refs.get(key, (0, storage.nbytes()))
-        if count == 0:
-            self.live += size
-            self.peak = max(self.peak, self.live)
-        self._refs[key] = (count + 1, size)
+        self._release_freed()
+        self._add(key, storage.nbytes())
         # A detached alias (same storage): holding the tensor itself would, for a tensor saved by the op that
         # produced it, make a cycle (its grad_fn holds this object, this object holds it) that only a backward
         # breaks, so a forward never followed by a backward (torch's shape inference on the first pipeline

@@ -31,8 +31,13 @@
   neither is modelled, the target is the GPU). The embeddings keep their LayerNorm input and two int64
   index tensors, the head its input, fp32 log-probabilities and the int64 labels.
 
-  With activation checkpointing a layer keeps only its input, ``s·b·h`` elements, and one layer's full
-  activations exist at a time while it is recomputed.
+  With full activation checkpointing a layer keeps only its input, ``s·b·h`` elements; with selective
+  checkpointing its input and the outputs of its matmuls, attention and collectives (decoders only,
+  ``planner/shapes.py``). In backward one layer at a time is recomputed: its full activations (full) or
+  the element-wise rest (selective) exist again. The peak is the larger of the forward's end and that
+  recomputation, on the last stage after the head's tensors (log-probabilities) are freed.
+  Sequence and loss parallelism (decoders, tensor > 1, no pipeline, untied head: ``switch_problems``
+  says why not otherwise) change the per-layer and head counts as ``planner/shapes.py`` documents.
   Layers in flight: every layer of the rank's stages holds one microbatch's activations per microbatch
   in flight: all ``m`` for GPipe, ``min(m, p - r)`` on stage r for 1F1B, ``min(m, p)·(1 + (p-1)/(p·v))``
   for interleaved schedules with v stages per rank (Narayanan et al. 2021), the local batch without
@@ -173,20 +178,43 @@ def in_flight(layout: Layout, pipeline_rank: int = 0) -> float:
     return min(m, p) * (1 + (p - 1) / (p * 2))  # interleaved (Narayanan et al. 2021), every rank alike
 
 
+def switch_problems(model: Shape, layout: Layout) -> list[str]:
+    """Why the layout's sequence / loss parallelism or selective checkpointing cannot apply to the model."""
+    asked = [name for name, on in (("sequence_parallel", layout.sequence_parallel),
+                                   ("loss_parallel", layout.loss_parallel),
+                                   ("selective", layout.checkpointing == "selective")) if on]
+    return [p for p in (model.switch_problem(name, layout.tensor, layout.pipeline) for name in asked) if p]
+
+
 def activation_bytes_per_rank(model: Shape, layout: Layout, local_batch: int, seq: int,
                              precision: str = "32-true") -> list[int]:
     """Peak bytes autograd keeps for backward on every pipeline rank (see the module docstring)."""
+    problems = switch_problems(model, layout)
+    if problems:
+        raise ValueError(f"{layout.describe()}: {'; '.join(problems)}.")
     b = local_batch / layout.microbatches  # sequences per microbatch
-    t, element = layout.tensor, BYTES[precision]
-    full_layer = model.layer_activations(b, seq, t, element).total
-    kept_layer = model.checkpointed_layer_bytes(b, seq, t, element) if layout.activation_checkpointing else full_layer
+    t, element, sp = layout.tensor, BYTES[precision], layout.sequence_parallel
+    full_layer = model.layer_activations(b, seq, t, element, sequence_parallel=sp).total
+    kept_layer, recompute = full_layer, 0.0
+    if layout.checkpointing == "full":
+        kept_layer = model.checkpointed_layer_bytes(b, seq, t, element, sequence_parallel=sp)
+        recompute = full_layer
+    elif layout.checkpointing == "selective":
+        kept_layer = model.selective_layer_bytes(b, seq, t, element, sequence_parallel=sp)
+        recompute = max(0.0, full_layer - kept_layer)  # the element-wise part, recomputed one layer at a time
+    switches = dict(sequence_parallel=sp, loss_parallel=layout.loss_parallel)
     ranks = []
     for rank, part in enumerate(stage_parts(model, layout)):
         flight = in_flight(layout, rank)
-        total = part["layers"] * kept_layer * flight
-        if layout.activation_checkpointing:
-            total += full_layer  # the layer being recomputed
-        total += model.stage_activation_bytes(b, seq, t, element, part["first"], part["last"]) * flight
+        end_of_forward = (part["layers"] * kept_layer
+                          + model.stage_activation_bytes(b, seq, t, element, part["first"], part["last"], **switches)
+                          ) * flight
+        total = end_of_forward
+        if layout.checkpointing:
+            # Backward recomputes one layer at a time; on the last stage the head's tensors (log-probabilities)
+            # of the microbatch being differentiated are already freed when its last layer is recomputed.
+            head = model.head_activation_bytes(b, seq, t, element, **switches) if part["last"] else 0.0
+            total = max(end_of_forward, end_of_forward - head + recompute)
         ranks.append(int(total))
     return ranks
 

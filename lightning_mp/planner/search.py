@@ -27,8 +27,9 @@ class Candidate:
 
 
 def candidates(model: Shape, cluster: Cluster, global_batch: int, seq: int,
-               precision: str = "bf16-mixed") -> list[Candidate]:
-    """Every layout worth considering, each with its memory, time and (if any) why it is rejected."""
+               precision: str = "bf16-mixed", loss_parallel: bool = True) -> list[Candidate]:
+    """Every layout worth considering, each with its memory, time and (if any) why it is rejected.
+    ``loss_parallel``: whether it may be used (it turns the model's ``.logits`` into a sharded DTensor)."""
     limit = cluster.device_memory_gb * 2**30 * cluster.usable_fraction
     found = []
     for tp, pp in itertools.product(divisors(cluster.world_size), repeat=2):
@@ -44,7 +45,7 @@ def candidates(model: Shape, cluster: Cluster, global_batch: int, seq: int,
             reason = too_few_blocks(pp, model.layers)
         elif global_batch % dp:
             reason = f"global batch {global_batch} is not divisible by dp={dp}"
-        for layout in _variants(dp, tp, pp, max(1, global_batch // dp), model, cluster):
+        for layout in _variants(dp, tp, pp, max(1, global_batch // dp), model, cluster, loss_parallel):
             mem = memory(model, layout, global_batch, seq, precision) if reason is None else Memory()
             time = step_time(model, layout, cluster, global_batch, seq, precision) if reason is None else StepTime()
             why = reason
@@ -55,7 +56,8 @@ def candidates(model: Shape, cluster: Cluster, global_batch: int, seq: int,
     return found
 
 
-def _variants(dp: int, tp: int, pp: int, local_batch: int, model: Shape, cluster: Cluster) -> Iterable[Layout]:
+def _variants(dp: int, tp: int, pp: int, local_batch: int, model: Shape, cluster: Cluster,
+              loss_parallel: bool = True) -> Iterable[Layout]:
     counts = [1]
     if pp > 1:  # from one microbatch per stage to 8 (bubble against per-microbatch efficiency), whole sequences
         counts = [m for m in divisors(local_batch) if pp <= m <= 8 * pp] or [pp]
@@ -65,18 +67,23 @@ def _variants(dp: int, tp: int, pp: int, local_batch: int, model: Shape, cluster
     if cluster.num_nodes > 1 and 1 < shard < dp and dp % shard == 0:
         modes.append(("hybrid", dp // shard))
     schedules = ["1f1b"] + (["interleaved_1f1b"] if pp > 1 and model.layers >= 2 * pp else [])
-    for (mode, replicate), m, schedule, checkpointing in itertools.product(modes, counts, schedules, (False, True)):
+    checkpointing = [False, True] + (["selective"] if model.switch_problem("selective", tp, pp) is None else [])
+    sequence_parallel = [False] + ([True] if model.switch_problem("sequence_parallel", tp, pp) is None else [])
+    # Loss parallelism is never worse in the model (less memory, less traffic): on wherever it applies.
+    loss = loss_parallel and model.switch_problem("loss_parallel", tp, pp) is None
+    for (mode, replicate), m, schedule, ac, sp in itertools.product(modes, counts, schedules, checkpointing,
+                                                                    sequence_parallel):
         if schedule == "interleaved_1f1b" and m % pp:
             continue
-        yield Layout(dp, tp, pp, mode, replicate, m, schedule, checkpointing)
+        yield Layout(dp, tp, pp, mode, replicate, m, schedule, ac, sp, loss)
 
 
-def choose(model: Shape, cluster: Cluster, global_batch: int, seq: int,
-           precision: str = "bf16-mixed") -> tuple[Candidate, list[Candidate]]:
+def choose(model: Shape, cluster: Cluster, global_batch: int, seq: int, precision: str = "bf16-mixed",
+           loss_parallel: bool = True) -> tuple[Candidate, list[Candidate]]:
     """The fastest layout that fits, and every candidate ranked (fitting ones first, by time)."""
     # Fitting layouts by estimated time; then those rejected for memory (closest to fitting first), which
     # say the most about the model; then structurally impossible ones.
-    ranked = sorted(candidates(model, cluster, global_batch, seq, precision),
+    ranked = sorted(candidates(model, cluster, global_batch, seq, precision, loss_parallel),
                     key=lambda c: (c.rejected is not None, c.memory.total == 0,
                                    c.time.total if c.rejected is None else c.memory.total))
     fitting = [c for c in ranked if c.rejected is None]
@@ -114,6 +121,7 @@ class AutoLayout:
     global_batch_size: int
     sequence_length: int
     device_memory_gb: Optional[float] = None
+    loss_parallel: bool = False  # may the planner shard the logits (the model's ``.logits`` become a DTensor)
 
     def __post_init__(self) -> None:
         for name in ("global_batch_size", "sequence_length"):
@@ -139,5 +147,6 @@ class AutoLayout:
                 " instead (data_parallel_size=..., tensor_parallel_size=..., pipeline_parallel_size=...)."
             )
         cluster = Cluster(devices_per_node, num_nodes, self.device_memory_gb or device_memory_gb(accelerator))
-        best, _ = choose(shape_from_config(config), cluster, self.global_batch_size, self.sequence_length, precision)
+        best, _ = choose(shape_from_config(config), cluster, self.global_batch_size, self.sequence_length, precision,
+                         loss_parallel=self.loss_parallel)
         return best

@@ -13,7 +13,7 @@ e bytes:
 
 - each RMSNorm (two per layer): its input upcast to fp32 (the input itself in fp32), the normalised
   value and the weighted output in the compute dtype, one fp32 ``rsqrt`` per token:
-  ``n·h·(4 + 2e) + 4n`` — replicated over tensor ranks (what sequence parallelism would split);
+  ``n·h·(4 + 2e) + 4n`` — replicated over tensor ranks (what sequence parallelism splits, below);
 - attention: rotated q (``n·a·d``) and k (``n·k·d``), v (``n·k·d``) and the output (``n·a·d``, whose
   head-merged view is o_proj's input) in the compute dtype, and the fp32 log-sum-exp (``n·a``), all split
   over tensor ranks. Grouped-query attention keeps k and v at the KV width: without an attention mask,
@@ -28,8 +28,21 @@ This is Korthikanti et al. 2022's per-layer count (eq. 2) redone for pre-norm RM
 grouped-query attention, no biases/dropout and fused attention. On every stage the rotary cos/sin
 (``2·s·d·e``, broadcast over the batch) are kept once per microbatch; the first stage keeps the token
 ids (int64), the last the final norm, the fp32 log-probabilities of the full vocabulary
-(``n·V·4``, on every tensor rank: the head's output is gathered; loss parallelism would split it) and the
-shifted labels.
+(``n·V·4``, on every tensor rank: the head's output is gathered) and the shifted labels.
+
+The three switches (checked against real jobs in ``benchmarks/planner_memory.py``):
+
+- sequence parallelism: each norm keeps its fp32 input, normalised value and rsqrt for its n/t tokens;
+  the weighted output is all-gathered for q/k/v (and gate/up), and the matmuls keep the gathered
+  ``n·h·e`` whole — PyTorch saves a column-wise matmul's gathered input, where Megatron keeps the shard
+  and gathers again in backward (Korthikanti's ``34/t`` assumes that). Per layer
+  ``2·n·h·e + [2·(n·h·(4 + e) + 4n) + split]/t``; the final norm likewise, its gathered output kept by
+  the head;
+- loss parallelism: the head's output stays sharded over the vocabulary, the log-probabilities are
+  ``n·V·4/t``;
+- selective checkpointing (``parallel/activation_checkpointing.py``): a layer keeps its input and the
+  outputs of its matmuls, attention kernel and tensor-parallel collectives (``selective_layer_bytes``);
+  its element-wise tensors exist again only while backward recomputes it, one layer at a time.
 """
 
 from __future__ import annotations
@@ -151,6 +164,11 @@ class DecoderShape:
     def attention_width(self) -> int:
         return self.heads * self.head_dim
 
+    @property
+    def vocabulary_sharded_head(self) -> bool:
+        """An untied ``lm_head`` is split over the vocabulary by tensor parallelism (a tied one is replicated)."""
+        return not self.tied
+
     def tensor_parallel_problem(self, tp: int) -> Optional[str]:
         """Why ``tp`` tensor ranks cannot split this model (every sharded size must divide), or None."""
         sizes = {"attention heads": self.heads, "KV heads": self.kv_heads, "FFN width": self.intermediate}
@@ -163,27 +181,78 @@ class DecoderShape:
         return f"tp={tp} does not divide the {', '.join(bad)} (valid: {', '.join(map(str, valid))})"
 
     # ---------------------------------------------------------------- activations (module docstring)
-    def layer_activations(self, b: float, s: int, t: int, element: int) -> LayerActivations:
+    def switch_problem(self, switch: str, tp: int, pp: int) -> Optional[str]:
+        """Why ``sequence_parallel`` / ``loss_parallel`` cannot be on for this model and degrees (the
+        strategy's own refusals), or None; "selective" checkpointing applies to every decoder."""
+        if switch == "selective":
+            return None
+        if tp == 1:
+            return f"{switch} needs tensor parallelism (tp=1)"
+        if pp > 1:
+            return f"{switch} is not supported with a pipeline (pp={pp})"
+        if self.tied:
+            return f"{switch} needs an untied lm_head (a tied head stays replicated over tensor ranks)"
+        return None
+
+    def layer_activations(self, b: float, s: int, t: int, element: int,
+                          sequence_parallel: bool = False) -> LayerActivations:
         n, h, d, e = b * s, self.hidden, self.head_dim, element
         a, k = self.heads, self.kv_heads
-        norms = 2 * (n * h * (4 + 2 * e) + 4 * n)
         split = n * e * (2 * a * d + 2 * k * d + (4 if self.gated else 2) * self.intermediate) + 4 * n * a
         if self.qk_norm:
             split += n * (a + k) * d * (4 + e) + 4 * n * (a + k)
-        return LayerActivations(norms, split / t)
+        if not sequence_parallel:
+            return LayerActivations(2 * (n * h * (4 + 2 * e) + 4 * n), split / t)
+        # Each norm works on n/t tokens (fp32 input, normalised value, rsqrt); its weighted output is
+        # all-gathered for the column-wise projections, and autograd keeps the gathered n·h (one storage
+        # shared by q/k/v, one by gate/up): torch's SP keeps it whole, Megatron re-gathers it in backward.
+        return LayerActivations(2 * n * h * e, (split + 2 * (n * h * (4 + e) + 4 * n)) / t)
 
-    def checkpointed_layer_bytes(self, b: float, s: int, t: int, element: int) -> float:
-        """A checkpointed layer keeps its input (rotary cos/sin are counted once per stage)."""
-        return b * s * self.hidden * element
+    def checkpointed_layer_bytes(self, b: float, s: int, t: int, element: int,
+                                 sequence_parallel: bool = False) -> float:
+        """A checkpointed layer keeps its input (rotary cos/sin are counted once per stage); under sequence
+        parallelism the input is this rank's sequence shard."""
+        return b * s * self.hidden * element / (t if sequence_parallel else 1)
 
-    def stage_activation_bytes(self, b: float, s: int, t: int, element: int, first: bool, last: bool) -> float:
-        """Per microbatch, beyond the layers: rotary cos/sin, token ids (first), final norm, fp32
-        log-probabilities and labels (last)."""
+    def selective_layer_bytes(self, b: float, s: int, t: int, element: int,
+                              sequence_parallel: bool = False) -> float:
+        """What selective checkpointing keeps per layer (``parallel/activation_checkpointing.py``): the input,
+        and the outputs of the matmuls, of the attention kernel and of the tensor-parallel collectives.
+        Column-wise outputs (q, k, v, gate, up) and attention's output and fp32 log-sum-exp are split over
+        tensor ranks; the row-wise outputs (o, down) are partial sums of full size on every rank; their
+        all-reduce outputs are full too, under sequence parallelism their reduce-scatter outputs are a
+        1/t shard and the all-gathers of the two norm outputs are kept whole."""
+        n, h, d, e = b * s, self.hidden, self.head_dim, element
+        a, k = self.heads, self.kv_heads
+        column = n * e * (a * d + 2 * k * d + (2 if self.gated else 1) * self.intermediate)
+        attention = n * e * a * d + 4 * n * a
+        row = 2 * n * h * e
+        collectives = 0.0
+        if t > 1:
+            collectives = 2 * n * h * e * (1 / t + 1) if sequence_parallel else 2 * n * h * e
+        kept_input = self.checkpointed_layer_bytes(b, s, t, element, sequence_parallel)
+        return kept_input + (column + attention) / t + row + collectives
+
+    def head_activation_bytes(self, b: float, s: int, t: int, element: int, sequence_parallel: bool = False,
+                              loss_parallel: bool = False) -> float:
+        """The last stage's, per microbatch: the final norm (under sequence parallelism on n/t tokens, its
+        output gathered for the head), the fp32 log-probabilities (``n·V·4``; split over tensor ranks with
+        loss parallelism), the shifted labels and the loss's fp32 total weight. Freed by the first steps
+        of backward, before any checkpointed layer is recomputed."""
+        n, h, e = b * s, self.hidden, element
+        norm = n * h * (4 + 2 * e) + 4 * n
+        if sequence_parallel:
+            norm = (n * h * (4 + e) + 4 * n) / t + n * h * e
+        return norm + n * self.vocab * 4 / (t if loss_parallel else 1) + n * 8 + 4
+
+    def stage_activation_bytes(self, b: float, s: int, t: int, element: int, first: bool, last: bool,
+                               sequence_parallel: bool = False, loss_parallel: bool = False) -> float:
+        """Per microbatch, beyond the layers: rotary cos/sin, token ids (first), ``head_activation_bytes``
+        (last)."""
         n = b * s
         total = 2 * s * self.head_dim * element
         total += n * 8 if first else 0
-        # Last: the final norm, the fp32 log-probabilities, the shifted labels and the loss's fp32 total weight.
-        total += (n * self.hidden * (4 + 2 * element) + 4 * n + n * self.vocab * 4 + n * 8 + 4) if last else 0
+        total += self.head_activation_bytes(b, s, t, element, sequence_parallel, loss_parallel) if last else 0
         return total
 
 

@@ -1,9 +1,12 @@
 """Time per step (documented estimates, for ranking, not promises): compute ``6·N·T`` FLOPs (+ ``12·L·s²·h``
-per sequence for attention; ``8·`` instead of ``6·`` with activation checkpointing) split over all
+per sequence for attention; ``8·`` instead of ``6·`` with full activation checkpointing, ``6.2·`` with
+selective checkpointing: it recomputes only memory-bound element-wise ops, a guess) split over all
 devices at ``flops × mfu × efficiency``, where efficiency = tokens / (tokens + 2048) for one device's
 share of a microbatch (small matrix products run far below peak), stretched by the pipeline bubble
 ``(p-1)/(v·m+p-1)``; tensor parallelism adds 4 ring all-reduces of ``s·b·h`` per layer and microbatch
-inside a node; pipeline parallelism sends activations and their gradients across each stage boundary;
+inside a node (sequence parallelism: the same volume as all-gathers and reduce-scatters, twice the calls)
+and, for a vocabulary-sharded head without loss parallelism, the all-gather of the logits (``s·b·V``;
+loss parallelism replaces it by three all-reduces of ``s·b`` numbers); pipeline parallelism sends activations and their gradients across each stage boundary;
 FSDP adds an all-gather in forward and backward and a reduce-scatter of every parameter shard, over the
 link the data-parallel group spans (hybrid: shard inside a node, all-reduce across nodes). Every
 collective or send also pays a fixed latency (10 µs in a node, 30 µs across nodes). Communication is not
@@ -52,7 +55,7 @@ LATENCY_INTER_S = 30e-6
 def step_time(model: Any, layout: Layout, cluster: Cluster, global_batch: int, seq: int,
               precision: str = "bf16-mixed") -> StepTime:
     tokens = global_batch * seq
-    factor = 8 if layout.activation_checkpointing else 6
+    factor = {None: 6.0, "full": 8.0, "selective": 6.2}[layout.checkpointing]
     flops = factor * model.parameters() * tokens + 12 * model.layers * seq * seq * model.attention_width * global_batch
     local_batch = global_batch // layout.data
     microbatch_tokens = local_batch / layout.microbatches * seq / layout.tensor  # one device's share
@@ -64,7 +67,10 @@ def step_time(model: Any, layout: Layout, cluster: Cluster, global_batch: int, s
     tensor_comm = 0.0
     if layout.tensor > 1:  # 2 all-reduces forward, 2 backward per layer and microbatch, inside a node
         volume = 4 * layers_here * local_batch * seq * model.hidden * element
-        calls = 4 * layers_here * layout.microbatches
+        calls = 4 * layers_here * layout.microbatches * (2 if layout.sequence_parallel else 1)
+        if model.vocabulary_sharded_head:  # the logits' gather, or the loss's all-reduces
+            volume += 0 if layout.loss_parallel else local_batch * seq * model.vocab * element / 2  # gather = AR / 2
+            calls += layout.microbatches * (3 if layout.loss_parallel else 1)
         tensor_comm = (2 * (layout.tensor - 1) / layout.tensor * volume / (cluster.intra_node_gbps * 1e9)
                        + calls * LATENCY_INTRA_S)
     pipeline_comm = 0.0

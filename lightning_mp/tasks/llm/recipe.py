@@ -73,14 +73,16 @@ def model_shape(cfg: DictConfig, original_cwd: Path) -> Any:
 
 def planned_layout(cfg: DictConfig, original_cwd: Path) -> Any:
     """The planner's choice for this model, cluster, global batch and ``data.max_length`` (``parallel=auto``):
-    conversations are padded per batch, so the longest one a batch may hold is what must fit."""
+    conversations are padded per batch, so the longest one a batch may hold is what must fit. Loss
+    parallelism only where ``parallel.loss_parallel`` allows it (``conf/parallel/auto.yaml`` does: this
+    recipe's module reads only ``.loss``)."""
     from lightning_mp.planner import Cluster, choose, device_memory_gb
 
     t = cfg.trainer
     memory_gb = t.get("device_memory_gb") or device_memory_gb(t.accelerator)
     cluster = Cluster(devices_per_node=int(t.devices), num_nodes=int(t.num_nodes), device_memory_gb=float(memory_gb))
     best, _ = choose(model_shape(cfg, original_cwd), cluster, int(t.batch_size), int(cfg.data.max_length),
-                     str(t.precision))
+                     str(t.precision), loss_parallel=bool(cfg.parallel.get("loss_parallel", False)))
     return best
 
 
