@@ -125,7 +125,9 @@ def test_published_shapes_are_planned_in_seconds(name):
     assert shape.parameters() == pytest.approx(parameters, rel=2e-3)
     start = time.perf_counter()
     best, ranked = choose(shape, Cluster(devices_per_node=8, num_nodes=32), global_batch=256, seq=8192)
-    assert time.perf_counter() - start < 10
+    # A guard against a combinatorial blow-up of the search (minutes), not a speed goal: about 4 s alone here,
+    # and the suite shares 2 cores with multi-process tests.
+    assert time.perf_counter() - start < 40
     assert best.rejected is None and best.memory.total < 80 * 2**30 * 0.9
     assert all(c.rejected for c in ranked if c.layout.tensor > 8)
     assert any("GiB per device" in (c.rejected or "") for c in ranked)  # some layouts do not fit
