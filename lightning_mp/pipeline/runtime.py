@@ -118,9 +118,12 @@ class PipelineRuntime:
         self._eval_schedule: Any = None
         self.tied: Optional[TiedAcrossStages] = None  # parameters tied across the first and last stage
         self._eval_stages: list[PipelineStage] = []
-        # Set when the stages have no data-parallel peers: torch's own shape re-inference (a real forward and
-        # backward) is then safe as a fallback for activations whose shapes cannot be derived.
+        # Set when the stages' forward and backward run no data-parallel collective (no FSDP: no data-parallel
+        # peers, or replicated ones reducing after the schedule): torch's own shape re-inference (a real forward
+        # and backward) is then safe as a fallback for activations whose shapes cannot be derived.
         self.may_reinfer_shapes = False
+        # Set under replicated data parallelism: averages the stages' gradients over the data-parallel ranks.
+        self.reduce_gradients: Optional[Callable[[], None]] = None
 
     # ------------------------------------------------------------ properties
     @property
@@ -227,6 +230,8 @@ class PipelineRuntime:
                                loss_kwargs=loss_kwargs, **kwargs)
         finally:
             self._loss_slot.fn = None
+        if self.reduce_gradients is not None:
+            self.reduce_gradients()
 
     @torch.no_grad()
     def eval_step(self, inputs: Mapping[str, Any]) -> Any:
