@@ -37,19 +37,25 @@ def test_buckets_follow_reverse_registration_order_and_split_by_size_and_dtype()
     assert [len(b.parameters) for b in _assign_buckets(parameters, 2**20, 3 * 2**20)] == [8, 4]
 
 
-def test_gradients_are_written_back_and_unused_parameters_keep_none(one_rank_group):
+def test_averages_are_written_back_and_unused_parameters_keep_none(one_rank_group):
     torch.manual_seed(0)
     model = nn.Sequential(*[nn.Linear(32, 32) for _ in range(4)], nn.Linear(32, 2))
     unused = nn.Linear(32, 32)
     root = nn.ModuleDict({"model": model, "unused": unused})
     reference = copy.deepcopy(model)
-    replicate(root, one_rank_group)
+    reducer = replicate(root, one_rank_group)
+    # One rank standing for two: the sum over "ranks" is this rank's gradient, so the average written back to
+    # .grad is half of it (a missing write-back or division would leave it whole).
+    reducer.world_size = 2
     inputs = torch.randn(8, 32)
-    for _ in range(2):  # a second backward accumulates into .grad, like gradient accumulation
-        model(inputs).sum().backward()
-        reference(inputs).sum().backward()
+    model(inputs).sum().backward()
+    reference(inputs).sum().backward()
     for mine, theirs in zip(model.parameters(), reference.parameters()):
-        torch.testing.assert_close(mine.grad, theirs.grad)  # the average over one rank is the gradient
+        torch.testing.assert_close(mine.grad, theirs.grad / 2)
+    # A second backward (gradient accumulation) reduces the accumulated .grad: (g/2 + g) / 2.
+    model(inputs).sum().backward()
+    for mine, theirs in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(mine.grad, theirs.grad * 0.75)
     assert unused.weight.grad is None and unused.bias.grad is None
     assert is_parallelized(root)  # a second setup (validate, then fit) must not replicate again
 
