@@ -1,13 +1,26 @@
-"""Our strategy against its peers on the same model, data and layout, in one run.
+"""Our strategy against its peers on the same model, data and layout: the one table to read.
 
-    python benchmarks/peers.py                      # CPU ranks over gloo; prints a table, writes JSON
-    python benchmarks/peers.py --accelerator gpu    # same on GPUs (NCCL)
+    python benchmarks/peers.py                          # every layout, 3 repeats, CPU ranks over gloo
+    python benchmarks/peers.py --only dp2 dp2-repl      # some layouts
+    python benchmarks/peers.py --accelerator gpu        # same on GPUs (NCCL)
+    python benchmarks/peers.py --only dp2-repl --repeats 1 --profile /tmp/prof   # where rank 0's step time goes
 
-Peers: Lightning's ModelParallelStrategy with the equivalent hand-written ``configure_model`` (for
-dp × tp and pure dp), and DDPStrategy (pure dp, against our fully sharded and our replicated mode).
-Reported: median step time relative to ours, and the per-rank bytes of parameters + optimizer state and
-peak resident memory. Absolute times on a shared 2-core machine are noise; ratios from the same run are
-what to read.
+Layouts: 1 device, dp2 (fully sharded), dp2-repl (replicated), tp2, dp2×tp2, pp2, pp2×dp2. Peers, where
+they apply: Lightning's ModelParallelStrategy with the equivalent hand-written ``configure_model`` (dp, tp,
+dp×tp), DDPStrategy (dp2 and dp2-repl: the same job, against our fully sharded and our replicated mode),
+and Lightning without a strategy on one device. Lightning has no pipeline parallelism: pp rows are ours only.
+
+Every job is run ``--repeats`` times, the repeats interleaved (round r runs every job once), so that the
+machine's drifting load falls on all of them alike. Reported: the median step time of each job (after
+warm-up), its ratio to ours in the same round (median over rounds, and the lowest and highest), the
+per-rank bytes of parameters + optimizer state, and the per-rank peak resident memory (ratios to ours).
+Absolute times on a shared 2-core machine are noise; ratios from the same round are what to read.
+Writes ``benchmarks/results/peers.json`` and ``peers.png`` (the plot needs the ``bench`` extra).
+
+Adding a variant (e.g. a compiled model): append a ``Case`` whose ``label`` names it and whose ``kwargs``
+carry the extra strategy arguments (``Case("dp2", 2, "ours", {"data_parallel_size": 2, "compile": True},
+label="ours+compile")``); the worker passes ``kwargs`` to our ``ModelParallelStrategy`` unchanged, and
+ratios are taken against the plain ``ours`` row of the same layout.
 """
 
 from __future__ import annotations
@@ -20,19 +33,41 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Optional
+
+RESULTS = Path(__file__).parent / "results"
+
+
+@dataclass(frozen=True, eq=False)  # hashed by identity: a dict field is unhashable
+class Case:
+    layout: str
+    devices: int
+    runner: str  # ours | lightning (ModelParallelStrategy, hand-written plan) | ddp | single (no strategy)
+    kwargs: dict = field(default_factory=dict)  # strategy arguments (ours: all of them; lightning: dp and tp)
+    label: Optional[str] = None  # the row's name; default: the runner
+
+    @property
+    def name(self) -> str:
+        return self.label or self.runner
+
 
 CASES = [
-    # (name, devices, strategy, layout)
-    ("dp2xtp2", 4, "lightning_mp", {"data_parallel_size": 2, "tensor_parallel_size": 2}),
-    ("dp2xtp2", 4, "lightning", {"data_parallel_size": 2, "tensor_parallel_size": 2}),
-    ("dp2", 2, "lightning_mp", {"data_parallel_size": 2}),
-    ("dp2", 2, "lightning", {"data_parallel_size": 2, "tensor_parallel_size": 1}),
-    ("dp2", 2, "ddp", {}),
-    # Our replicated mode is the like-for-like peer of DDP: the same state per rank, no parameter traffic
-    # (FSDP2 still copies parameters through its size-1 shard group; see the README's numbers).
-    ("dp2-repl", 2, "lightning_mp", {"data_parallel_size": 2, "data_parallel_mode": "replicated"}),
-    ("dp2-repl", 2, "ddp", {}),
+    Case("1 device", 1, "ours", {"data_parallel_size": 1}),
+    Case("1 device", 1, "single"),
+    Case("dp2", 2, "ours", {"data_parallel_size": 2}),
+    Case("dp2", 2, "lightning", {"data_parallel_size": 2, "tensor_parallel_size": 1}),
+    # DDP holds the whole model on every rank: against our fully sharded mode it trades memory for speed.
+    Case("dp2", 2, "ddp"),
+    Case("dp2-repl", 2, "ours", {"data_parallel_size": 2, "data_parallel_mode": "replicated"}),
+    Case("dp2-repl", 2, "ddp"),
+    Case("tp2", 2, "ours", {"data_parallel_size": 1, "tensor_parallel_size": 2}),
+    Case("tp2", 2, "lightning", {"data_parallel_size": 1, "tensor_parallel_size": 2}),
+    Case("dp2xtp2", 4, "ours", {"data_parallel_size": 2, "tensor_parallel_size": 2}),
+    Case("dp2xtp2", 4, "lightning", {"data_parallel_size": 2, "tensor_parallel_size": 2}),
+    Case("pp2", 2, "ours", {"data_parallel_size": 1, "pipeline_parallel_size": 2}),
+    Case("pp2xdp2", 4, "ours", {"data_parallel_size": 2, "pipeline_parallel_size": 2}),
 ]
 
 
@@ -42,7 +77,7 @@ def worker(args: argparse.Namespace) -> None:
     from lightning.pytorch.callbacks import Callback
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
-    from torch.utils.data import DataLoader, TensorDataset
+    from torch.utils.data import DataLoader, Dataset
     from transformers import BertConfig, BertForTokenClassification
 
     from lightning_mp.planner.measure import local_state_bytes
@@ -55,7 +90,7 @@ def worker(args: argparse.Namespace) -> None:
 
     config = BertConfig(vocab_size=8000, hidden_size=args.hidden, num_hidden_layers=args.layers,
                         num_attention_heads=8, intermediate_size=4 * args.hidden, num_labels=9)
-    layout = json.loads(args.layout)
+    kwargs = json.loads(args.kwargs)
 
     class Module(L.LightningModule):
         def __init__(self) -> None:
@@ -64,8 +99,7 @@ def worker(args: argparse.Namespace) -> None:
             self.model = BertForTokenClassification(config)
 
         def training_step(self, batch, batch_idx):
-            input_ids, labels = batch
-            return self.model(input_ids=input_ids, labels=labels).loss
+            return self.model(**batch).loss
 
         def configure_optimizers(self):
             return torch.optim.AdamW(self.parameters(), lr=1e-4)
@@ -81,104 +115,198 @@ def worker(args: argparse.Namespace) -> None:
                         "attention.self.query": ColwiseParallel(), "attention.self.key": ColwiseParallel(),
                         "attention.self.value": ColwiseParallel(), "attention.output.dense": RowwiseParallel(),
                         "intermediate.dense": ColwiseParallel(), "output.dense": RowwiseParallel()})
-                fully_shard(layer, mesh=dp)
-            fully_shard(self.model, mesh=dp)
+                if dp.size() > 1:
+                    fully_shard(layer, mesh=dp)
+            if dp.size() > 1:
+                fully_shard(self.model, mesh=dp)
+
+    class Rows(Dataset):
+        def __init__(self) -> None:
+            generator = torch.Generator().manual_seed(0)
+            self.inputs = torch.randint(1, 8000, (args.steps * args.batch, args.seq), generator=generator)
+            self.labels = torch.randint(0, 9, (args.steps * args.batch, args.seq), generator=generator)
+
+        def __len__(self) -> int:
+            return len(self.inputs)
+
+        def __getitem__(self, index):
+            return {"input_ids": self.inputs[index], "labels": self.labels[index]}
 
     class Timer(Callback):
         def __init__(self) -> None:
             self.times: list[float] = []
+            self.profiler = None
 
-        def on_train_batch_start(self, trainer, *_):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             trainer.strategy.barrier()
+            if batch_idx == args.warmup and args.profile and trainer.is_global_zero:
+                self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+                self.profiler.__enter__()
             self.start = time.perf_counter()
 
         def on_train_batch_end(self, trainer, *_):
             trainer.strategy.barrier()
             self.times.append(time.perf_counter() - self.start)
 
-    if args.strategy == "lightning_mp":
+        def on_train_end(self, trainer, *_):
+            if self.profiler is not None:
+                self.profiler.__exit__(None, None, None)
+                Path(args.profile).mkdir(parents=True, exist_ok=True)
+                table = self.profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
+                Path(args.profile, f"{Path(args.out).stem}.txt").write_text(table)
+
+    if args.runner == "ours":
         from lightning_mp import ModelParallelStrategy
 
-        strategy, module = ModelParallelStrategy(**layout), Module()
-    elif args.strategy == "lightning":
+        strategy, module = ModelParallelStrategy(**kwargs), Module()
+        data_size = kwargs.get("data_parallel_size", args.devices)
+    elif args.runner == "lightning":
         from lightning.pytorch.strategies import ModelParallelStrategy as LightningModelParallel
 
-        strategy, module = LightningModelParallel(**layout), HandWritten()
-    else:
-        strategy, module = "ddp", Module()
-    data_size = args.devices // layout.get("tensor_parallel_size", 1)
-    generator = torch.Generator().manual_seed(0)
-    inputs = torch.randint(1, 8000, (args.steps * args.batch, args.seq), generator=generator)
-    labels = torch.randint(0, 9, (args.steps * args.batch, args.seq), generator=generator)
-    loader = DataLoader(TensorDataset(inputs, labels), batch_size=args.batch // data_size)
+        strategy, module = LightningModelParallel(**kwargs), HandWritten()
+        data_size = kwargs["data_parallel_size"]
+    else:  # ddp, single
+        strategy, module, data_size = ("ddp" if args.runner == "ddp" else "auto"), Module(), args.devices
+    loader = DataLoader(Rows(), batch_size=args.batch // data_size)
     timer = Timer()
     trainer = L.Trainer(accelerator=args.accelerator, devices=args.devices, strategy=strategy, max_steps=args.steps,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[timer])
     trainer.fit(module, loader)
     local = local_state_bytes(module, trainer.optimizers[0])
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    per_rank = [None] * trainer.world_size
-    torch.distributed.all_gather_object(per_rank, {**local, "peak_rss": peak_rss})
+    measured = {**local, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    per_rank = [measured]
+    if torch.distributed.is_initialized():
+        per_rank = [None] * trainer.world_size
+        torch.distributed.all_gather_object(per_rank, measured)
     if trainer.is_global_zero:
         warm = timer.times[args.warmup:]
         Path(args.out).write_text(json.dumps({"median_step_s": statistics.median(warm), "per_rank": per_rank}))
 
 
+def run_case(case: Case, args: argparse.Namespace, shared: list[str], out: Path) -> dict:
+    cmd = [sys.executable, __file__, "--worker", "--runner", case.runner, "--devices", str(case.devices),
+           "--kwargs", json.dumps(case.kwargs), "--out", str(out), *shared]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if proc.returncode != 0 or not out.exists():
+        raise RuntimeError(f"{case} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    measured = json.loads(out.read_text())
+    out.unlink()
+    per_rank = measured["per_rank"]
+    return {"step_s": measured["median_step_s"],
+            "state_mib": max(r["parameters"] + r["optimizer"] for r in per_rank) / 2**20,
+            "peak_rss_mib": max(r["peak_rss"] for r in per_rank) / 2**20}
+
+
+def summarize(cases: list[Case], runs: dict[Case, list[dict]]) -> list[dict]:
+    """One row per case: medians over repeats, and step-time ratios to ours taken round by round."""
+    ours = {case.layout: case for case in cases if case.name == "ours"}
+    rows = []
+    for case in cases:
+        mine, base = runs[case], runs[ours[case.layout]]
+        ratios = [m["step_s"] / b["step_s"] for m, b in zip(mine, base)]
+        median = {key: statistics.median(r[key] for r in mine) for key in ("step_s", "state_mib", "peak_rss_mib")}
+        base_median = {key: statistics.median(r[key] for r in base) for key in ("state_mib", "peak_rss_mib")}
+        rows.append({
+            "layout": case.layout, "strategy": case.name, "devices": case.devices, "kwargs": case.kwargs,
+            "median_step_s": median["step_s"], "step_s_repeats": [r["step_s"] for r in mine],
+            "step_time_vs_ours": statistics.median(ratios), "step_time_vs_ours_min": min(ratios),
+            "step_time_vs_ours_max": max(ratios),
+            "state_mib_per_rank": median["state_mib"], "state_vs_ours": median["state_mib"] / base_median["state_mib"],
+            "peak_rss_mib_per_rank": median["peak_rss_mib"],
+            "peak_rss_vs_ours": median["peak_rss_mib"] / base_median["peak_rss_mib"],
+        })
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    header = (f"{'layout':9} {'strategy':10} {'step s':>7} {'÷ ours (min-max)':>18} {'state MiB/rank':>15}"
+              f" {'÷ ours':>7} {'peak RSS MiB':>13} {'÷ ours':>7}")
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        spread = f"{row['step_time_vs_ours']:.2f} ({row['step_time_vs_ours_min']:.2f}-{row['step_time_vs_ours_max']:.2f})"
+        print(f"{row['layout']:9} {row['strategy']:10} {row['median_step_s']:7.3f} {spread:>18}"
+              f" {row['state_mib_per_rank']:15.2f} {row['state_vs_ours']:7.2f} {row['peak_rss_mib_per_rank']:13.0f}"
+              f" {row['peak_rss_vs_ours']:7.2f}")
+
+
+def plot(rows: list[dict], path: Path) -> bool:
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    peers = [row for row in rows if row["strategy"] != "ours"]
+    labels = [f"{row['layout']}\n{row['strategy']}" for row in peers]
+    fig, (time_axis, memory_axis) = plt.subplots(1, 2, figsize=(13, 4.5))
+    medians = [row["step_time_vs_ours"] for row in peers]
+    errors = [[m - row["step_time_vs_ours_min"] for m, row in zip(medians, peers)],
+              [row["step_time_vs_ours_max"] - m for m, row in zip(medians, peers)]]
+    time_axis.bar(labels, medians, yerr=errors, capsize=4, color="tab:blue")
+    time_axis.set_ylabel("peer step time ÷ ours (median, min-max)")
+    memory_axis.bar([x - 0.2 for x in range(len(peers))], [row["state_vs_ours"] for row in peers], width=0.4,
+                    label="parameters + optimizer", color="tab:orange")
+    memory_axis.bar([x + 0.2 for x in range(len(peers))], [row["peak_rss_vs_ours"] for row in peers], width=0.4,
+                    label="peak RSS", color="tab:green")
+    memory_axis.set_xticks(range(len(peers)), labels)
+    memory_axis.set_ylabel("peer memory per rank ÷ ours")
+    memory_axis.legend()
+    for axis in (time_axis, memory_axis):
+        axis.axhline(1.0, color="black", linewidth=0.8)
+        axis.tick_params(axis="x", labelsize=8)
+    fig.suptitle("Peers against lightning_mp: above 1 = the peer is slower / holds more")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--accelerator", default="cpu")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of every job (median and spread)")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--batch", type=int, default=16, help="global batch (sequences)")
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--only", nargs="+", metavar="LAYOUT", choices=sorted({case[0] for case in CASES}),
+    parser.add_argument("--only", nargs="+", metavar="LAYOUT", choices=sorted({case.layout for case in CASES}),
                         help="run only these layouts (default: all)")
-    parser.add_argument("--json", default=str(Path(__file__).parent / "results" / "peers.json"))
+    parser.add_argument("--profile", default="", help="write rank 0's torch.profiler table per job into this folder")
+    parser.add_argument("--json", default=str(RESULTS / "peers.json"))
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--strategy", help=argparse.SUPPRESS)
+    parser.add_argument("--runner", help=argparse.SUPPRESS)
     parser.add_argument("--devices", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--layout", help=argparse.SUPPRESS)
+    parser.add_argument("--kwargs", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(args)
 
-    rows = []
+    cases = [case for case in CASES if not args.only or case.layout in args.only]
     shared = ["--accelerator", args.accelerator, "--steps", str(args.steps), "--warmup", str(args.warmup),
               "--batch", str(args.batch), "--seq", str(args.seq), "--hidden", str(args.hidden),
-              "--layers", str(args.layers)]
-    for name, devices, strategy, layout in CASES:
-        if args.only and name not in args.only:
-            continue
-        out = Path(args.json).with_suffix(f".{name}.{strategy}.tmp")
-        cmd = [sys.executable, __file__, "--worker", "--strategy", strategy, "--devices", str(devices),
-               "--layout", json.dumps(layout), "--out", str(out), *shared]
-        subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        measured = json.loads(out.read_text())
-        out.unlink()
-        per_rank = measured["per_rank"]
-        rows.append({
-            "layout": name, "strategy": strategy, "devices": devices, "median_step_s": measured["median_step_s"],
-            "state_mib_per_rank": max(r["parameters"] + r["optimizer"] for r in per_rank) / 2**20,
-            "peak_rss_mib_per_rank": max(r["peak_rss"] for r in per_rank) / 2**20,
-        })
-    ours = {row["layout"]: row for row in rows if row["strategy"] == "lightning_mp"}
-    for row in rows:
-        base = ours[row["layout"]]
-        row["step_time_vs_ours"] = row["median_step_s"] / base["median_step_s"]
-        row["state_vs_ours"] = row["state_mib_per_rank"] / base["state_mib_per_rank"]
-    header = f"{'layout':10} {'strategy':13} {'step s':>8} {'÷ ours':>7} {'state MiB/rank':>15} {'÷ ours':>7} {'peak RSS MiB':>13}"
-    print(header)
-    print("-" * len(header))
-    for row in rows:
-        print(f"{row['layout']:10} {row['strategy']:13} {row['median_step_s']:8.3f} {row['step_time_vs_ours']:7.2f}"
-              f" {row['state_mib_per_rank']:15.2f} {row['state_vs_ours']:7.2f} {row['peak_rss_mib_per_rank']:13.0f}")
+              "--layers", str(args.layers), "--profile", args.profile]
+    runs: dict[Case, list[dict]] = {case: [] for case in cases}
+    started = time.perf_counter()
+    settings = {k: v for k, v in vars(args).items() if k not in ("worker", "runner", "devices", "kwargs", "out")}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"settings": vars(args), "rows": rows}, indent=2))
-    print(f"wrote {args.json}")
+    for round_index in range(args.repeats):
+        for case in cases:
+            out = Path(args.json).with_suffix(f".{case.layout.replace(' ', '_')}.{case.name}.tmp")
+            runs[case].append(run_case(case, args, shared, out))
+        rows = summarize(cases, runs)
+        # Written after every round: an interrupted run keeps the rounds it finished.
+        Path(args.json).write_text(json.dumps({"settings": settings, "rounds": round_index + 1,
+                                              "cases": [asdict(c) for c in cases], "rows": rows}, indent=2))
+        print(f"round {round_index + 1}/{args.repeats} done after {time.perf_counter() - started:.0f} s", flush=True)
+    print_table(rows)
+    png = Path(args.json).with_suffix(".png")
+    drawn = plot(rows, png)
+    print(f"wrote {args.json}" + (f" and {png}" if drawn else " (install the 'bench' extra, matplotlib, for the plot)"))
 
 
 if __name__ == "__main__":

@@ -88,6 +88,12 @@ composable_checkpoint = _require("torch.distributed._composable", "checkpoint")
 is_traceable_wrapper_subclass = _require("torch.utils._python_dispatch", "is_traceable_wrapper_subclass")
 # The collectives DTensor issues (tensor parallelism), as ops a selective checkpointing policy can keep.
 functional_collectives = _require("torch.ops", "_c10d_functional")
+# Runs a function once the current backward pass has finished (what DDP and FSDP2 use to wait for their
+# gradient reductions); the replicated data-parallel mode finishes its bucketed all-reduces there.
+_execution_engine = getattr(_require("torch.autograd.variable", "Variable"), "_execution_engine", None)
+if _execution_engine is None or not hasattr(_execution_engine, "queue_callback"):
+    raise _missing("Variable._execution_engine.queue_callback", "torch.autograd.variable")
+queue_backward_callback = _execution_engine.queue_callback
 get_default_store = _require("torch.distributed.distributed_c10d", "_get_default_store")
 ScheduleForwardOnly = _require("torch.distributed.pipelining.schedules", "_ScheduleForwardOnly")
 EmptyStateDictLoadPlanner = _require("torch.distributed.checkpoint.default_planner", "_EmptyStateDictLoadPlanner")

@@ -63,7 +63,9 @@ class ModelParallelStrategy(CheckpointHooks, StepHooks, ParallelStrategy):
         pipeline_split_points: pin the split: the first block index of every stage, e.g. ``[0, 3]``; default:
             balanced by parameter count, counting embeddings on the first stage and the head on the last.
         data_parallel_mode: ``"fully_sharded"`` (FSDP2), ``"hybrid"`` (replicate × shard, see
-            ``data_parallel_replicate_size``; ``"auto"``: one replica per node) or ``"replicated"`` (DDP-like).
+            ``data_parallel_replicate_size``; ``"auto"``: one replica per node) or ``"replicated"`` (DDP-like: the
+            whole model on every rank, gradients averaged in buckets during backward; see
+            ``parallel/replicate.py``).
         sequence_parallel: between the tensor-parallel regions, run norms, dropouts and the residual stream on
             sequence shards (activation memory there falls with the tensor degree); decoder families from
             transformers' plans, no pipeline yet.

@@ -84,6 +84,20 @@ def test_sharded_round_trip_dp_tp_to_pp_dp_to_single_device(tmp_path, uninterrup
 
 
 @pytest.mark.slow
+def test_sharded_round_trip_replicated_to_fully_sharded_and_back(tmp_path, uninterrupted):
+    """The replicated mode holds plain (unsharded) parameters on every rank, no FSDP: its sharded checkpoint
+    must still be written once per tensor and load into FSDP's shards, and theirs into plain tensors."""
+    replicated = {"data_parallel_size": 2, "data_parallel_mode": "replicated"}
+    first = job(tmp_path, 2, replicated, 2, "--every-step", "a")
+    second = job(tmp_path, 2, {"data_parallel_size": 2}, 4, "--every-step", "b", "--resume", "a/last.ckpt")
+    third = job(tmp_path, 2, replicated, 6, "--resume", "b/last.ckpt")
+    assert_continues(first, uninterrupted, range(1, 3))
+    assert_continues(second, uninterrupted, range(3, 5))
+    assert_continues(third, uninterrupted, range(5, 7))
+    assert max_weight_difference(third["state_dict"], uninterrupted["state_dict"]) < TOLERANCE
+
+
+@pytest.mark.slow
 def test_full_round_trip_pp_tp_to_dp_and_through_the_sharded_form(tmp_path, uninterrupted):
     first = job(tmp_path, 4, PP2_TP2, 3, "--every-step", "a", "--full")
     full = tmp_path / "a" / "last.ckpt"

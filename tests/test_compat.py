@@ -68,7 +68,7 @@ def test_every_fenced_name_exists():
                  "optimizers_to_device", "collect_rng_states", "set_rng_states", "SubprocessScriptLauncher",
                  "tree_flatten", "tree_unflatten", "foreach_norm", "foreach_mul_", "composable_checkpoint",
                  "get_default_store", "ScheduleForwardOnly", "EmptyStateDictLoadPlanner",
-                 "load_state_dict_without_planning"):
+                 "load_state_dict_without_planning", "queue_backward_callback"):
         assert callable(getattr(_compat, name)), name
     _compat.check_schedule_internals()
 

@@ -16,6 +16,8 @@ LAYOUTS = {
     "dp2xtp2": (4, {"data_parallel_size": 2, "tensor_parallel_size": 2}),
     "hybrid2x2": (4, {"data_parallel_size": 4, "data_parallel_mode": "hybrid", "data_parallel_replicate_size": 2}),
     "replicated2": (2, {"data_parallel_size": 2, "data_parallel_mode": "replicated"}),
+    # Replicated over data, tensor-parallel inside: the buckets average the local shards of DTensor gradients.
+    "replicated2xtp2": (4, {"data_parallel_size": 2, "tensor_parallel_size": 2, "data_parallel_mode": "replicated"}),
     "dp2_activation_checkpointing": (2, {"data_parallel_size": 2, "activation_checkpointing": True}),
     # Selective: the tensor-parallel collectives' outputs are kept, so backward repeats no communication.
     "dp2xtp2_selective_activation_checkpointing": (4, {"data_parallel_size": 2, "tensor_parallel_size": 2,
@@ -41,11 +43,21 @@ def test_bf16_mixed_tensor_parallel_is_close(tmp_path, reference_runs):
     assert max_weight_difference(result["state_dict"], reference["state_dict"]) < 5e-3
 
 
-def test_clipping_and_accumulation_match(tmp_path, reference_runs):
+CLIPPED_AND_ACCUMULATED = {
+    "dp2xtp2": (4, {"data_parallel_size": 2, "tensor_parallel_size": 2}),
+    # Every backward of the window reduces the accumulated .grad: the average of the (already equal) earlier
+    # part must leave it unchanged.
+    "replicated2": (2, {"data_parallel_size": 2, "data_parallel_mode": "replicated"}),
+}
+
+
+@pytest.mark.parametrize("name", list(CLIPPED_AND_ACCUMULATED))
+def test_clipping_and_accumulation_match(name, tmp_path, reference_runs):
     # A clip value far below the gradient norm, so every step is clipped by the *global* norm.
     extra = ("--clip", "0.05", "--accumulate", "2", "--steps", "2")
     reference = reference_runs(*extra)
-    result = run_worker(tmp_path, devices=4, layout={"data_parallel_size": 2, "tensor_parallel_size": 2}, extra=extra)
+    devices, layout = CLIPPED_AND_ACCUMULATED[name]
+    result = run_worker(tmp_path, devices=devices, layout=layout, extra=extra)
     assert result["losses"] == pytest.approx(reference["losses"], abs=FP32_TOLERANCE)
     assert max_weight_difference(result["state_dict"], reference["state_dict"]) < FP32_TOLERANCE
     unclipped = reference_runs("--accumulate", "2", "--steps", "2")

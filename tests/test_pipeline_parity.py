@@ -56,6 +56,23 @@ def test_pipeline_clipping_and_accumulation_match(tmp_path, reference_runs):
     assert_matches(run_worker(tmp_path, devices=4, layout=layout, extra=extra), reference)
 
 
+REPLICATED = {
+    # The stages' gradients are averaged once after the schedule (no FSDP inside the stages).
+    "1f1b_clipped_accumulated": (("--clip", "0.05", "--accumulate", "2", "--steps", "2"), {"microbatches": 2}),
+    # Zero-bubble: weight gradients computed apart from input gradients; batches of changing width, which
+    # without FSDP one rank may re-infer alone.
+    "zbv_changing_width": (("--variable-width",), {"pipeline_schedule": "zbv_zero_bubble", "microbatches": 2}),
+}
+
+
+@pytest.mark.parametrize("name", list(REPLICATED))
+def test_pipeline_with_replicated_data_parallelism_matches(name, tmp_path, reference_runs):
+    extra, layout = REPLICATED[name]
+    extra = (*FOUR_LAYERS, *extra)
+    layout = {"pipeline_parallel_size": 2, "data_parallel_size": 2, "data_parallel_mode": "replicated", **layout}
+    assert_matches(run_worker(tmp_path, devices=4, layout=layout, extra=extra), reference_runs(*extra))
+
+
 def test_pipeline_with_activation_checkpointing_and_bf16(tmp_path, reference_runs):
     extra = (*FOUR_LAYERS, "--precision", "bf16-mixed")
     reference = reference_runs(*extra)

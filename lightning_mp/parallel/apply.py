@@ -1,7 +1,8 @@
 """Apply a plan to the model inside a LightningModule, axis by axis, in torchtitan's order.
 
 Without a pipeline: tensor parallelism → activation checkpointing → FSDP (one unit per block, then the
-model, then whatever else in the LightningModule holds parameters). With a pipeline: the model is cut
+model, then whatever else in the LightningModule holds parameters), or, when data parallelism is pure
+replication, bucketed gradient all-reduces instead of FSDP (``replicate.py``). With a pipeline: the model is cut
 into this rank's stages first, the same three axes are applied to every stage module, and the
 LightningModule keeps this rank's *shell* in place of the model (its parameters under the original
 names), so ``configure_optimizers``, checkpoints and hooks see only what this rank owns.
@@ -17,9 +18,10 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from lightning_mp.config import MeshShape, ParallelConfig, check_divisible, check_pipeline, stages_per_rank
-from lightning_mp.mesh import PIPELINE, TENSOR, fsdp_mesh
+from lightning_mp.mesh import DATA_REPLICATE, DATA_SHARD, PIPELINE, TENSOR, fsdp_mesh
 from lightning_mp.parallel.activation_checkpointing import apply_activation_checkpointing
 from lightning_mp.parallel.fsdp import apply_fsdp, mixed_precision_policy
+from lightning_mp.parallel.replicate import ReplicatedGradients, replicate
 from lightning_mp.parallel.loss_parallel import check_loss_parallel, with_sharded_head
 from lightning_mp.pipeline.runtime import PipelineRuntime, build_pipeline, check_ties
 from lightning_mp.pipeline.sequence_shards import SequenceShardedStages
@@ -127,10 +129,17 @@ def parallelize(module: nn.Module, planned: Optional[PlannedModel], mesh: Device
                 split_points: Optional[Sequence[int]] = None) -> Optional[PipelineRuntime]:
     """Parallelize ``module`` in place; returns the pipeline runtime when the model was split into stages."""
     policy = mixed_precision_policy(precision)
-    dp_mesh = fsdp_mesh(mesh) if data_mesh_size > 1 else None
+    # Nothing sharded (replicate × shard with shard size 1): FSDP would only copy parameters in and out.
+    replicated = data_mesh_size > 1 and mesh[DATA_SHARD].size() == 1
+    dp_mesh = fsdp_mesh(mesh) if data_mesh_size > 1 and not replicated else None
     if mesh[PIPELINE].size() > 1:
         assert planned is not None
-        return _parallelize_pipeline(module, planned, mesh, dp_mesh, config, policy, device, split_points)
+        runtime = _parallelize_pipeline(module, planned, mesh, dp_mesh, config, policy, device, split_points)
+        if replicated:
+            # Reduced once after the schedule's last microbatch (as torch's stages do for FSDP).
+            runtime.reduce_gradients = ReplicatedGradients(runtime.shell.parameters(),
+                                                           mesh[DATA_REPLICATE].get_group(), overlap=False).reduce
+        return runtime
     if planned is None:
         _apply_axes(module, None, [], ModelPlan(), mesh, dp_mesh, config, policy)
     else:
@@ -138,6 +147,8 @@ def parallelize(module: nn.Module, planned: Optional[PlannedModel], mesh: Device
         # The LightningModule itself is never made an FSDP unit: that would change its class.
         _apply_axes(module, None if planned.model is module else planned.model, blocks, planned.plan, mesh, dp_mesh,
                     config, policy)
+    if replicated:
+        replicate(module, mesh[DATA_REPLICATE].get_group())
     return None
 
 
@@ -174,6 +185,8 @@ def _parallelize_pipeline(module: nn.Module, planned: PlannedModel, mesh: Device
         planned.model, plan, mesh[PIPELINE], config.pipeline_schedule, config.microbatches or mesh[PIPELINE].size(),
         device, split_points=split_points, parallelize_stage=parallelize_stage,
     )
+    # Without FSDP a stage's forward and backward run no data-parallel collective (a replicated mode reduces
+    # after the schedule), so one rank may re-infer shapes alone.
     runtime.may_reinfer_shapes = dp_mesh is None
     runtime.sequence_shards = shards
     runtime.tensor_mesh = mesh[TENSOR]

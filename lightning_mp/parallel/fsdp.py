@@ -59,9 +59,12 @@ def shard_unmanaged(root: nn.Module, mesh: DeviceMesh, policy: MixedPrecisionPol
 
 
 def is_parallelized(module: nn.Module) -> bool:
-    """True when user code already applied FSDP2 or tensor parallelism (Lightning's contract)."""
+    """True when user code already applied FSDP2 or tensor parallelism (Lightning's contract), or this
+    strategy did (a second fit/validate; the replicated mode leaves plain parameters, so it is asked too)."""
     from torch.distributed.tensor import DTensor
+
+    from lightning_mp.parallel.replicate import is_replicated
 
     return any(isinstance(m, FSDPModule) for m in module.modules()) or any(
         isinstance(p, DTensor) for p in module.parameters()
-    )
+    ) or is_replicated(module)

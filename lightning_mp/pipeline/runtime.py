@@ -119,12 +119,15 @@ class PipelineRuntime:
         self._eval_schedule: Any = None
         self.tied: Optional[TiedAcrossStages] = None  # parameters tied across the first and last stage
         self._eval_stages: list[PipelineStage] = []
-        # Set when the stages have no data-parallel peers: torch's own shape re-inference (a real forward and
-        # backward) is then safe as a fallback for activations whose shapes cannot be derived.
+        # Set when the stages' forward and backward run no data-parallel collective (no FSDP: no data-parallel
+        # peers, or replicated ones reducing after the schedule): torch's own shape re-inference (a real forward
+        # and backward) is then safe as a fallback for activations whose shapes cannot be derived.
         self.may_reinfer_shapes = False
         # Set under sequence parallelism: the stages send their sequence shards (see sequence_shards.py).
         self.sequence_shards: Optional[SequenceShardedStages] = None
         self.tensor_mesh: Optional[DeviceMesh] = None  # set by the caller; DTensor outputs are rebuilt on it
+        # Set under replicated data parallelism: averages the stages' gradients over the data-parallel ranks.
+        self.reduce_gradients: Optional[Callable[[], None]] = None
 
     # ------------------------------------------------------------ properties
     @property
@@ -235,6 +238,8 @@ class PipelineRuntime:
                                loss_kwargs=loss_kwargs, **kwargs)
         finally:
             self._loss_slot.fn = None
+        if self.reduce_gradients is not None:
+            self.reduce_gradients()
 
     @torch.no_grad()
     def eval_step(self, inputs: Mapping[str, Any]) -> Any:
