@@ -89,6 +89,8 @@ is_traceable_wrapper_subclass = _require("torch.utils._python_dispatch", "is_tra
 # The collectives DTensor issues (tensor parallelism), as ops a selective checkpointing policy can keep.
 functional_collectives = _require("torch.ops", "_c10d_functional")
 get_default_store = _require("torch.distributed.distributed_c10d", "_get_default_store")
+# What torch.compile did in this process (graphs captured, frames tried): tests and benchmarks bound recompiles.
+dynamo_counters = _require("torch._dynamo.utils", "counters")
 ScheduleForwardOnly = _require("torch.distributed.pipelining.schedules", "_ScheduleForwardOnly")
 EmptyStateDictLoadPlanner = _require("torch.distributed.checkpoint.default_planner", "_EmptyStateDictLoadPlanner")
 load_state_dict_without_planning = _require("torch.distributed.checkpoint.state_dict_loader", "_load_state_dict")

@@ -109,6 +109,7 @@ class ParallelConfig:
     microbatches: int | None = None
     loss_parallel: bool = False  # cross-entropy on vocabulary-sharded logits (parallel/loss_parallel.py)
     sequence_parallel: bool = False  # norms and residual stream on sequence shards between tensor-parallel regions
+    compile: bool = False  # torch.compile each block (parallel/compile.py)
 
     def __post_init__(self) -> None:
         self._check_static()
@@ -137,7 +138,7 @@ class ParallelConfig:
             )
         stages_per_rank(self.pipeline_schedule)
         checkpoint_mode(self.activation_checkpointing)
-        for name in ("loss_parallel", "sequence_parallel"):
+        for name in ("loss_parallel", "sequence_parallel", "compile"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}.")
 

@@ -86,6 +86,10 @@ class ModelParallelStrategy(CheckpointHooks, StepHooks, ParallelStrategy):
             and activation checkpointing for the model, world size and ``device_memory_gb`` (default: read
             from the GPU), given ``global_batch_size`` and ``sequence_length``; the degree arguments are
             then ignored. Decided when the model is known, before any process starts.
+        compile: ``torch.compile`` each block of the plan (the FSDP and activation-checkpointing unit), after
+            tensor parallelism and activation checkpointing, before FSDP; one graph serves every sequence
+            length (dynamic shapes) and every block of one class. Needs a plan that names the blocks. See
+            ``parallel/compile.py``.
     """
 
     strategy_name = "lightning_mp"
@@ -130,6 +134,7 @@ class ModelParallelStrategy(CheckpointHooks, StepHooks, ParallelStrategy):
         device_memory_gb: Optional[float] = None,
         loss_parallel: bool = False,
         sequence_parallel: bool = False,
+        compile: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -148,6 +153,7 @@ class ModelParallelStrategy(CheckpointHooks, StepHooks, ParallelStrategy):
             microbatches=microbatches,
             loss_parallel=loss_parallel,
             sequence_parallel=sequence_parallel,
+            compile=compile,
         )
         self._split_points = list(pipeline_split_points) if pipeline_split_points is not None else None
         if isinstance(plan, dict):
@@ -250,7 +256,8 @@ class ModelParallelStrategy(CheckpointHooks, StepHooks, ParallelStrategy):
         chosen = self._auto.choose_for(model, self.num_processes, self.num_nodes, self._precision, accelerator)
         self.parallel_config = ParallelConfig(**chosen.layout.strategy_kwargs(),
                                               loss_parallel=self.parallel_config.loss_parallel,
-                                              sequence_parallel=self.parallel_config.sequence_parallel)
+                                              sequence_parallel=self.parallel_config.sequence_parallel,
+                                              compile=self.parallel_config.compile)
         self._layout_chosen = True
         rank_zero_info(f"layout='auto': {chosen.summary()}")
 
