@@ -168,6 +168,15 @@ class ParallelConfig:
                 f" = {dp * tp * pp}, but the world size is {world_size} (num_nodes × devices)."
                 f" {_suggest(world_size)}"
             )
+        if self.compile and tp > 1:
+            # Measured with torch 2.13 (CPU, gloo): tracing the backward of tensor-parallel blocks recurses without
+            # end with dynamic shapes, and hands a plain tensor to DTensor's redistribution without them.
+            raise ValueError(
+                f"compile=True with tensor_parallel_size={tp} is not supported yet: torch {_torch_version()} fails to"
+                " compile blocks whose parameters are tensor-parallel DTensors (RecursionError while tracing their"
+                " backward). Use compile=False with tensor parallelism, or tensor_parallel_size=1 (compile works with"
+                " data parallelism and pipelines)."
+            )
         replicate, shard = self._split_data_parallel(dp, world_size // devices_per_node)
         return MeshShape(pipeline=pp, data_replicate=replicate, data_shard=shard, tensor=tp)
 
@@ -197,6 +206,12 @@ class ParallelConfig:
                 f" valid values: {divisors(dp)}."
             )
         return replicate, dp // replicate
+
+
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__
 
 
 def divisors(n: int) -> list[int]:

@@ -87,8 +87,8 @@ class ModelParallelStrategy(CheckpointHooks, StepHooks, ParallelStrategy):
             from the GPU), given ``global_batch_size`` and ``sequence_length``; the degree arguments are
             then ignored. Decided when the model is known, before any process starts.
         compile: ``torch.compile`` each block of the plan (the FSDP and activation-checkpointing unit), after
-            tensor parallelism and activation checkpointing, before FSDP; one graph serves every sequence
-            length (dynamic shapes) and every block of one class. Needs a plan that names the blocks. See
+            activation checkpointing, before FSDP; one graph serves every sequence length (dynamic shapes) and
+            every block of one class. Needs a plan that names the blocks; not yet with tensor parallelism. See
             ``parallel/compile.py``.
     """
 

@@ -1,15 +1,16 @@
 """torch.compile, one block at a time.
 
 Each block of the plan (the unit of FSDP and activation checkpointing) gets its own compiled call, applied
-after tensor parallelism and activation checkpointing and before FSDP (torchtitan's order):
+after activation checkpointing and before FSDP (torchtitan's order, where tensor parallelism comes first):
 
-- after tensor parallelism, so the compiled graph sees the DTensor parameters and the collectives the
-  parallel styles insert (the compiler can then fuse the element-wise work around them);
 - after activation checkpointing, so the recompute region is traced into the graph (see
   ``parallel/activation_checkpointing.py``: under compile the block's forward calls
   ``torch.utils.checkpoint``, which the compiler turns into a recompute in its own backward graph);
 - before FSDP, so FSDP's hooks, which all-gather and free the parameters, stay outside the graph: torch
   runs them eagerly around it (dynamo's ``skip_fsdp_hooks``), and the graph sees whole parameters.
+
+Tensor parallelism is refused with compile (``config.py``): with torch 2.13, tracing the backward of blocks
+whose parameters are tensor-parallel DTensors failed (a RecursionError with dynamic shapes).
 
 ``Module.compile`` compiles in place: the block keeps its class and its parameter names, so checkpoints,
 optimizers and the pipeline split see the same model as without compile.
