@@ -267,13 +267,18 @@ def check_pipeline(config: ParallelConfig, num_blocks: int, local_batch_size: in
 # A stuck job ends itself after this long without a step (see processes/watch.py), unless the process group's timeout
 # is shorter: then half of that, so that the watch, not a collective's timeout, reports where every rank is.
 DEFAULT_PROGRESS_TIMEOUT_S = 300.0
+COMPILING_PROGRESS_TIMEOUT_S = 900.0
 
 
 def progress_timeout_seconds(progress_timeout: Union[float, timedelta, None, Literal["auto"]],
-                             timeout: Optional[timedelta]) -> Optional[float]:
-    """``progress_timeout`` in seconds (None: no progress watch); ``timeout`` is the process group's."""
+                             timeout: Optional[timedelta], compiling: bool = False) -> Optional[float]:
+    """``progress_timeout`` in seconds (None: no progress watch); ``timeout`` is the process group's.
+    ``compiling``: blocks are compiled in the first step, which can take minutes (measured: 5-6 min for a tiny
+    model on 2 loaded CPU cores), so "auto" allows half the process-group timeout (15 min by default)."""
     group_s = timeout.total_seconds() if timeout is not None else None
     if progress_timeout == "auto":
+        if compiling:
+            return COMPILING_PROGRESS_TIMEOUT_S if group_s is None else group_s / 2
         return DEFAULT_PROGRESS_TIMEOUT_S if group_s is None else min(DEFAULT_PROGRESS_TIMEOUT_S, group_s / 2)
     if progress_timeout is None:
         return None

@@ -81,7 +81,8 @@ class ModelParallelStrategy(CheckpointHooks, StepHooks, ParallelStrategy):
         save_distributed_checkpoint: sharded directory (True) or one full file written by rank 0.
         progress_timeout: seconds (or a timedelta) without a training step or evaluation batch on any rank
             after which the job prints where every rank is and exits with code 1; ``"auto"``: 300 s, or half
-            of ``timeout`` when that is shorter; ``None``: never (see ``processes/watch.py``).
+            of ``timeout`` when that is shorter (with ``compile=True``: half of ``timeout``, as the first step
+            compiles); ``None``: never (see ``processes/watch.py``).
         layout: ``"auto"``: the planner (``lightning_mp.planner``) chooses every degree, microbatches, FSDP mode
             and activation checkpointing for the model, world size and ``device_memory_gb`` (default: read
             from the GPU), given ``global_batch_size`` and ``sequence_length``; the degree arguments are
@@ -171,7 +172,8 @@ class ModelParallelStrategy(CheckpointHooks, StepHooks, ParallelStrategy):
         self._pipeline: Optional[PipelineLoop] = None
         self._loss_parallel = False  # set when the model is parallelized
         self._tied_names: dict[str, str] = {}
-        self._failure_watch = FailureWatch(progress_timeout=progress_timeout_seconds(progress_timeout, timeout))
+        self._failure_watch = FailureWatch(progress_timeout=progress_timeout_seconds(progress_timeout, timeout,
+                                                                                     compiling=compile))
         self.num_nodes = 1
 
     # ---------------------------------------------------------------- layout and processes

@@ -27,7 +27,8 @@ from lightning_mp.tasks.common import parallel_kwargs  # noqa: E402
 
 # Compiled kernels sum in another order than eager ones (fused reductions, vectorized accumulators).
 FP32_TOLERANCE = 1e-5
-LLAMA = ("--family", "llama", "--layers", "2", "--optimizer", "sgd", "--lr", "0.1")
+# Batches of 4 rows: widths differ from step to step (16 rows nearly always include a row of full length).
+LLAMA = ("--family", "llama", "--layers", "2", "--optimizer", "sgd", "--lr", "0.1", "--batch-size", "4")
 
 # Each layout also checkpoints activations, so that the recompute traced into the compiled graph is covered too.
 LAYOUTS = {
@@ -84,6 +85,9 @@ def test_compile_switch_is_a_bool_and_reaches_the_strategy_from_the_recipes():
     with pytest.raises(ValueError, match="compile must be True or False, got 'inductor'"):
         ParallelConfig(compile="inductor")
     assert ModelParallelStrategy(compile=True).parallel_config.compile
+    # The first step compiles (minutes on a CPU): the progress watch waits half the process-group timeout.
+    assert ModelParallelStrategy(compile=True)._failure_watch.progress_timeout == 900.0
+    assert ModelParallelStrategy(compile=False)._failure_watch.progress_timeout == 300.0
     parallel = OmegaConf.load(WORKERS.parent.parent / "conf" / "parallel" / "default.yaml")
     assert parallel_kwargs(OmegaConf.create({"parallel": parallel}))["compile"] is False
     parallel.compile = True
