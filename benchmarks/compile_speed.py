@@ -141,6 +141,9 @@ def main() -> None:
         row = rows[-1]
         print(f"{name}: compiled ÷ eager {row['compiled_vs_eager']:.2f}, first step {row['compiled_first_step_s']:.0f} s",
               flush=True)
+        # Written after every layout: a compile can take many minutes, and an interrupted run keeps what it measured.
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"settings": vars(args), "rows": rows}, indent=2))
     header = (f"{'layout':7} {'eager s':>8} {'compiled s':>11} {'÷ eager':>8} {'1st step eager':>15}"
               f" {'1st step compiled':>18} {'graphs':>7}")
     print(header)
@@ -148,8 +151,6 @@ def main() -> None:
     for row in rows:
         print(f"{row['layout']:7} {row['eager_step_s']:8.3f} {row['compiled_step_s']:11.3f} {row['compiled_vs_eager']:8.2f}"
               f" {row['eager_first_step_s']:15.2f} {row['compiled_first_step_s']:18.1f} {row['graphs_rank0'][-1]:7d}")
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"settings": vars(args), "rows": rows}, indent=2))
     print(f"wrote {args.json}")
 
 
