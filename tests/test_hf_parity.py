@@ -13,7 +13,8 @@ test keeps lr 1 (2 layers: 4e-8 against 3.8e-3 when the labels are counted unshi
 Decoders train as causal LMs with plans derived from transformers' own tp/pp plans (plans/hf.py).
 Encoders (RoBERTa, DistilBERT) train as token classifiers with the shipped plans.
 
-Every family runs tp2, pp2 (1f1b), dp2×tp2 and pp2×tp2. One multi-process launch per layout trains every
+Every family runs tp2, pp2 (1f1b), dp2×tp2 and pp2×tp2, and tp2 and pp2×tp2 with sequence parallelism (ELECTRA
+too under those two). One multi-process launch per layout trains every
 family in turn in the same processes (``workers/hf_matrix.py``, one Trainer per family), against one
 single-process launch for all of them: starting 2-4 ranks costs as much as training a tiny model, and the
 suite runs on 2 cores. Adding a family is one line in ``tests/workers/tiny_hf.py`` and one in
@@ -33,7 +34,6 @@ FOUR_LAYERS = ("--layers", "4", "--optimizer", "sgd", "--lr", "0.1")
 FIXED_WIDTH = ("--fixed-width",)
 
 MATRIX_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma3", "phi3", "olmo2", "gpt2", "roberta", "distilbert")
-MATRIX = ("--families", ",".join(MATRIX_FAMILIES), *FOUR_LAYERS)
 # Each layout exercises every family's own pieces: tensor-parallel styles (Qwen3's and Gemma 3's
 # head-sharded norms, Phi-3's and OLMo-2's gathered projections, GPT-2's transposed Conv1D), stage functions
 # (Gemma 3: sliding-window and full layers with their own rotary embeddings, soft-capped logits), and with
@@ -44,12 +44,17 @@ LAYOUTS = {
     "dp2xtp2": (4, {"data_parallel_size": 2, "tensor_parallel_size": 2}),
     "pp2xtp2": (4, {"pipeline_parallel_size": 2, "tensor_parallel_size": 2, "data_parallel_size": 1,
                     "microbatches": 4}),
-    # Sequence parallelism (tests/test_sequence_and_loss_parallel.py checks that the block outputs are
-    # sequence shards): every family with a sequence-parallel plan.
+    # Sequence parallelism (tests/test_sequence_and_loss_parallel.py checks that the block outputs, and under a
+    # pipeline what the stages send, are sequence shards); with a pipeline the stages send their shards.
     "tp2_sequence_parallel": (2, {"tensor_parallel_size": 2, "sequence_parallel": True}),
+    "pp2xtp2_sequence_parallel": (4, {"pipeline_parallel_size": 2, "tensor_parallel_size": 2, "data_parallel_size": 1,
+                                      "microbatches": 4, "sequence_parallel": True}),
 }
-# GPT-2 and DistilBERT have no sequence-parallel plan (refused before launch).
-FAMILIES_OF = {"tp2_sequence_parallel": tuple(f for f in MATRIX_FAMILIES if f not in ("gpt2", "distilbert"))}
+# ELECTRA too under sequence parallelism: its embeddings are narrower than its layers, and the projection between
+# them is what hands the sequence shards to the first block.
+SEQUENCE_PARALLEL_FAMILIES = (*MATRIX_FAMILIES, "electra")
+FAMILIES_OF = {layout: SEQUENCE_PARALLEL_FAMILIES for layout in LAYOUTS if layout.endswith("sequence_parallel")}
+REFERENCE = ("--families", ",".join(SEQUENCE_PARALLEL_FAMILIES), *FOUR_LAYERS)  # one single-process run for all
 
 
 def parity(result: dict, reference: dict) -> tuple[float, float]:
@@ -72,8 +77,8 @@ def test_every_family_matches_single_process(layout, tmp_path, reference_runs):
     families = FAMILIES_OF.get(layout, MATRIX_FAMILIES)
     extra = ("--families", ",".join(families), *FOUR_LAYERS)
     results = run_worker(tmp_path, devices=devices, layout=kwargs, extra=extra, script="hf_matrix.py", timeout=900)
-    reference = reference_runs(*MATRIX, script="hf_matrix.py")
-    assert set(results) == set(families) and set(reference) == set(MATRIX_FAMILIES)
+    reference = reference_runs(*REFERENCE, script="hf_matrix.py")
+    assert set(results) == set(families) and set(reference) == set(SEQUENCE_PARALLEL_FAMILIES)
     measured = {family: parity(results[family], reference[family]) for family in families}
     print(f"\nparity under {layout} (max |difference|: losses over 3 steps, weights after them):")
     for family, (losses, weights) in measured.items():

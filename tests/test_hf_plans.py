@@ -144,3 +144,29 @@ def test_checkpoints_keep_the_tied_name_save_pretrained_keeps(family, kept):
     assert tied_names(module) == {"model.lm_head.weight": kept}
     assert stored_key("state.model.lm_head.weight.exp_avg", tied_names(module), optimizer=True) == f"state.{kept}.exp_avg"
     assert tied_names(tiny_hf.TinyHFModule(family)) == {}
+
+
+@pytest.mark.parametrize(("family", "overrides", "enters", "leaves"), [
+    ("gpt2", {}, "transformer.drop", "lm_head"),
+    ("distilbert", {}, "distilbert.embeddings", "classifier"),
+    ("electra", {}, "electra.embeddings_project", "classifier"),  # narrower embeddings: the projection shards
+    ("llama", {"tie_word_embeddings": True}, "model.embed_tokens", "lm_head"),
+], ids=["gpt2", "distilbert", "electra", "llama-tied"])
+def test_sequence_parallel_plans_enter_and_leave_the_sequence_shards(family, overrides, enters, leaves):
+    """Where each family's residual stream becomes sequence shards, and where the head gathers them; every
+    entry matches a module of the model (the plan is applied with the same globs)."""
+    from torch.distributed.tensor.parallel import PrepareModuleOutput
+
+    from lightning_mp.parallel.styles import GatherSequence
+    from lightning_mp.parallel.tensor import expand_globs
+
+    model = tiny_hf.tiny_model(family, layers=2, **overrides)
+    _, _, plan = find_plan(model)
+    sequence_parallel = plan.sequence_parallel
+    assert sequence_parallel is not None
+    expand_globs(model, sequence_parallel)
+    entry, head = sequence_parallel[enters], sequence_parallel[leaves]
+    if family == "gpt2":  # untied: the head stays column-wise, its input the final norm's shards
+        assert isinstance(entry, PrepareModuleOutput) and isinstance(head, ColwiseParallel)
+    else:
+        assert isinstance(entry, PrepareModuleOutput) and isinstance(head, GatherSequence)

@@ -48,3 +48,42 @@ def test_activation_not_led_by_the_input_shape_is_refused_and_nothing_changes():
     transposed = stage(1, 3, (_TensorMeta(torch.Size((2, 12, 32)), (32, 64, 1), torch.float32, False),), (meta(2, 12, 32),))
     with pytest.raises(NotDerivable, match="not contiguous"):
         derived_metadata(transposed, (2, 12), (2, 5))
+
+
+def test_sequence_shards_sent_between_stages_follow_the_local_width():
+    """Under sequence parallelism a stage sends its tensor rank's shard of the sequence, ``[rows, width / t,
+    hidden]``: the first stage still receives the whole input ids, everything sent follows the local width."""
+    from lightning_mp.pipeline.sequence_shards import SequenceShardedStages
+
+    def shards(rank: int, degree: int) -> SequenceShardedStages:
+        return SequenceShardedStages(SimpleNamespace(size=lambda: degree, get_local_rank=lambda: rank))
+
+    # torch.chunk's split, as DTensor's Shard(1) cuts a sequence: the last ranks get less (or nothing).
+    assert [shards(r, 2).local_width(11) for r in range(2)] == [6, 5]
+    assert [shards(r, 4).local_width(3) for r in range(4)] == [1, 1, 1, 0]
+    last_rank = shards(1, 2)
+    sent = (last_rank.sent_lead((2, 12)), last_rank.sent_lead((2, 7)))
+    assert sent == ((2, 6), (2, 3))
+    first = stage(0, 3, (meta(2, 12, dtype=torch.long),), (meta(2, 6, 32, requires_grad=True),),
+                  None, (meta(2, 6, 32),))
+    derived = derived_metadata(first, (2, 12), (2, 7), sent)
+    assert derived.inputs == (meta(2, 7, dtype=torch.long),)
+    assert derived.outputs == (meta(2, 3, 32, requires_grad=True),) and derived.output_grads == (meta(2, 3, 32),)
+    middle = stage(1, 3, (meta(2, 6, 32, requires_grad=True),), (meta(2, 6, 32, requires_grad=True),),
+                   (meta(2, 6, 32),), (meta(2, 6, 32),))
+    derived = derived_metadata(middle, (2, 12), (2, 7), sent)
+    assert derived.inputs == derived.outputs == (meta(2, 3, 32, requires_grad=True),)
+    assert derived.input_grads == derived.output_grads == (meta(2, 3, 32),)
+    # Without the sent shape the shard would be read as a whole sequence that does not match the input's.
+    with pytest.raises(NotDerivable, match=r"stage 1 output\[0\] has shape \(2, 6, 32\)"):
+        derived_metadata(middle, (2, 12), (2, 7))
+
+
+def test_last_stage_logits_gradient_is_kept_under_sequence_shards():
+    """torch derives the last stage's output-gradient metadata from its outputs (the logits, ``[rows, width,
+    vocabulary]``, never sent): it does not lead with the sent shard's width, and must not stop the derivation
+    on the last stage's ranks while the first stage's derive (the stages would vote for different modes)."""
+    last = stage(1, 2, (meta(2, 6, 32, requires_grad=True),), (meta(2, 11, 5, requires_grad=True),),
+                 (meta(2, 6, 32),), (meta(2, 11, 5),))
+    derived = derived_metadata(last, (2, 11), (2, 12), ((2, 6), (2, 6)))
+    assert derived.inputs == (meta(2, 6, 32, requires_grad=True),) and derived.output_grads == (meta(2, 11, 5),)

@@ -1,7 +1,7 @@
 """Sequence parallelism and loss parallelism give the single-process losses and weights (3 SGD steps,
 fp32, right-padded rows of different lengths) while each rank holds only its share of the sequence
-between tensor-parallel regions (block outputs ``Shard(1)``) and of the logits (``Shard(2)``); what
-cannot work is refused before launch."""
+between tensor-parallel regions (block outputs ``Shard(1)``; under a pipeline, what the stages send) and
+of the logits (``Shard(2)``); what cannot work is refused before launch."""
 
 from __future__ import annotations
 
@@ -50,12 +50,6 @@ def test_loss_parallel_with_tied_embeddings_is_refused_before_launch(no_child_pr
         fit(2, module, tensor_parallel_size=2, loss_parallel=True)
 
 
-def test_loss_parallel_with_a_pipeline_is_refused_before_launch(no_child_processes):
-    module = tiny_hf.TinyHFModule("llama", layers=2)
-    with pytest.raises(ValueError, match="loss_parallel=True with pipeline_parallel_size=2 is not supported"):
-        fit(4, module, tensor_parallel_size=2, pipeline_parallel_size=2, loss_parallel=True)
-
-
 # Sequence parallelism: norms, dropouts and the residual stream on sequence shards between the tensor-parallel
 # regions. With loss parallelism on too at dp2×tp2: the sequence-sharded final norm feeds the vocabulary-sharded head.
 # tp2 alone runs for every family with a plan in tests/test_hf_parity.py.
@@ -80,7 +74,55 @@ def test_sequence_parallel_matches_single_process(name, tmp_path, reference_runs
     assert global_shape[1] > 1 and local_shape[1] in (global_shape[1] // 2, (global_shape[1] + 1) // 2)
 
 
+# Under a pipeline (pp2×tp2) the stages send their sequence shards: what the first stage sends is tensor rank 0's
+# part of the batch's width, ceil(width / 2). Batches of 4 rows padded to their own longest: 11, 12 then 7 positions,
+# so the shards are uneven (6 + 5, 4 + 3) and their shapes change every step. BERT: post-norm encoder. Llama with
+# tied embeddings: the replicated embedding's output is cut into shards on the first stage, the tied head on the last
+# gathers them, and the gradients of the two copies are summed.
+SMALL_BATCHES = ("--batch-size", "4")
+PIPELINED = {
+    "bert_pp2xtp2": ("--family", "bert", "--optimizer", "sgd", "--lr", "0.1", *SMALL_BATCHES),
+    "llama_tied_pp2xtp2": (*LLAMA, *SMALL_BATCHES, "--config", '{"tie_word_embeddings": true}'),
+}
+PP2_TP2 = {"pipeline_parallel_size": 2, "tensor_parallel_size": 2, "data_parallel_size": 1, "microbatches": 2}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(PIPELINED))
+def test_sequence_parallel_under_a_pipeline_sends_sequence_shards(name, tmp_path, reference_runs):
+    extra = PIPELINED[name]
+    result = run_worker(tmp_path, devices=4, layout={**PP2_TP2, "sequence_parallel": True}, extra=(*extra, "--probe-sent"))
+    reference = reference_runs(*extra)
+    assert_matches(result, reference, f"sequence parallel ({name})")
+    (rows, width), sent = result["sent"]
+    print(f"first stage: input {(rows, width)}, sent {sent}")
+    assert width == 7 and sent == (rows, 4, tiny_hf.HIDDEN)  # the last batch: 7 positions, 4 on tensor rank 0
+    if "tied" in name:
+        state = result["state_dict"]
+        assert state["model.lm_head.weight"].equal(state["model.model.embed_tokens.weight"])
+
+
+@pytest.mark.slow
+def test_loss_and_sequence_parallel_under_a_pipeline_with_data_parallelism(tmp_path, reference_runs):
+    """pp2×dp2×tp2 with sequence and loss parallelism (8 ranks, about 3 minutes): the last stage's head keeps the
+    logits vocabulary-sharded and the loss and its backward run inside the schedule; the stages send sequence
+    shards whose shapes are derived for every new width without torch's re-inference (data-parallel peers'
+    batches differ in width); in validation the sharded logits reach the first stage's ranks shard by shard, where
+    the model's ``.loss`` is the same number (22 rows: the last local batches are padded to the microbatches)."""
+    extra = (*LLAMA, "--batch-size", "8", "--validate")
+    layout = {**PP2_TP2, "data_parallel_size": 2, "sequence_parallel": True, "loss_parallel": True}
+    result, reference = run_worker(tmp_path, devices=8, layout=layout, extra=(*extra, "--probe-sent"), timeout=600), \
+        reference_runs(*extra)
+    assert_matches(result, reference, "loss and sequence parallel under a pipeline")
+    val_loss, expected = result["validation"]["val_loss"], reference["validation"]["val_loss"]
+    print(f"val_loss {val_loss:.7f}, one process {expected:.7f}; first stage {result['sent']}")
+    assert val_loss == pytest.approx(expected, abs=FP32_TOLERANCE)
+    (rows, width), sent = result["sent"]
+    assert sent == (rows, (width + 1) // 2, tiny_hf.HIDDEN)
+
+
 def test_sequence_parallel_without_a_plan_for_it_is_refused_before_launch(no_child_processes):
-    module = tiny_hf.TinyHFModule("llama", layers=2, tie_word_embeddings=True)
-    with pytest.raises(ValueError, match="sequence_parallel=True, but LlamaForCausalLM has no sequence-parallel plan"):
+    module = tiny_hf.TinyHFModule("llama", layers=2)
+    module.model = module.model.model  # a bare LlamaModel would hand back sequence-sharded hidden states
+    with pytest.raises(ValueError, match="sequence_parallel=True, but LlamaModel has no sequence-parallel plan"):
         fit(2, module, tensor_parallel_size=2, sequence_parallel=True)

@@ -23,6 +23,7 @@ from lightning_mp.parallel.compile import apply_compile
 from lightning_mp.parallel.fsdp import apply_fsdp, mixed_precision_policy
 from lightning_mp.parallel.loss_parallel import check_loss_parallel, with_sharded_head
 from lightning_mp.pipeline.runtime import PipelineRuntime, build_pipeline, check_ties
+from lightning_mp.pipeline.sequence_shards import SequenceShardedStages
 from lightning_mp.pipeline.split import check_ownership, check_split_points, stage_blocks
 from lightning_mp.parallel.tensor import apply_tensor_parallel, expand_globs, present_globs
 from lightning_mp.plans import ModelPlan, find_plan
@@ -76,26 +77,23 @@ def resolve_plan(module: nn.Module, user_plan: Optional[ModelPlan], shape: MeshS
             check_split_points(split_points, num_stages, len(model.get_submodule(plan.blocks)))
     sequence_parallel = config.sequence_parallel and shape.tensor > 1
     if sequence_parallel:
-        plan = replace(plan, tensor_parallel=sequence_parallel_plan(plan, shape))
+        plan = replace(plan, tensor_parallel=sequence_parallel_plan(plan))
     if config.loss_parallel:
-        check_loss_parallel(plan, shape.tensor, shape.pipeline)
+        check_loss_parallel(plan, shape.tensor)
         if shape.tensor > 1:
             plan = with_sharded_head(plan, sequence_sharded_input=sequence_parallel)
     return PlannedModel(path, model, plan)
 
 
-def sequence_parallel_plan(plan: ModelPlan, shape: MeshShape) -> dict:
-    if shape.pipeline > 1:
-        raise ValueError(
-            f"sequence_parallel=True with pipeline_parallel_size={shape.pipeline} is not supported yet: the"
-            " activations sent between stages would be sequence-sharded DTensors; use sequence_parallel=False with"
-            " a pipeline, or pipeline_parallel_size=1."
-        )
+def sequence_parallel_plan(plan: ModelPlan) -> dict:
+    """The plan's sequence-parallel variant. With a pipeline, the stages send their sequence shards
+    (``pipeline/sequence_shards.py``)."""
     if plan.sequence_parallel is None:
         raise ValueError(
             f"sequence_parallel=True, but {plan.name} has no sequence-parallel plan (supported: the decoder families"
-            " whose plans come from transformers, with an untied lm_head, and the BERT / RoBERTa token and BERT"
-            " sequence classifiers); use sequence_parallel=False."
+            " whose plans come from transformers and GPT-2, as causal LMs; BERT, RoBERTa, XLM-RoBERTa, ELECTRA and"
+            " DistilBERT token classifiers and BertForSequenceClassification; a bare base model is not, since it"
+            " would return sequence-sharded states); use sequence_parallel=False."
         )
     return plan.sequence_parallel
 
@@ -176,8 +174,13 @@ def _parallelize_pipeline(module: nn.Module, planned: PlannedModel, mesh: Device
                           config: ParallelConfig, policy, device: torch.device,
                           split_points: Optional[Sequence[int]]) -> PipelineRuntime:
     plan = planned.plan
+    # Under sequence parallelism the stages send and receive their sequence shards.
+    shards = SequenceShardedStages(mesh[TENSOR]) if config.sequence_parallel and mesh[TENSOR].size() > 1 else None
 
     def parallelize_stage(stage: nn.Module) -> None:
+        if shards is not None:
+            role = stage._pipeline_role
+            shards.attach(stage, role.is_first, role.is_last)
         # The stage module is the FSDP root: torch's PipelineStage drives its gradient reduction.
         stage_plan = replace(plan, tensor_parallel=present_globs(stage, plan.tensor_parallel))
         _apply_axes(stage, stage, stage_blocks(stage, plan), stage_plan, mesh, dp_mesh, config, policy)
@@ -187,6 +190,8 @@ def _parallelize_pipeline(module: nn.Module, planned: PlannedModel, mesh: Device
         device, split_points=split_points, parallelize_stage=parallelize_stage,
     )
     runtime.may_reinfer_shapes = dp_mesh is None
+    runtime.sequence_shards = shards
+    runtime.tensor_mesh = mesh[TENSOR]
     parent_path, _, name = planned.path.rpartition(".")
     parent = module.get_submodule(parent_path) if parent_path else module
     setattr(parent, name, runtime.shell)  # the unsplit model is dropped here

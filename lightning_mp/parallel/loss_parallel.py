@@ -23,14 +23,10 @@ from torch.distributed.tensor.parallel import ColwiseParallel, loss_parallel
 from lightning_mp.plans import ModelPlan
 
 
-def check_loss_parallel(plan: ModelPlan, tensor_parallel_size: int, pipeline_parallel_size: int) -> None:
-    """Before launch: the plan must name a column-sharded head, and no pipeline (not supported yet)."""
-    if pipeline_parallel_size > 1:
-        raise ValueError(
-            f"loss_parallel=True with pipeline_parallel_size={pipeline_parallel_size} is not supported: the last"
-            " stage's sharded logits would have to reach the other pipeline ranks; use loss_parallel=False with a"
-            " pipeline, or pipeline_parallel_size=1."
-        )
+def check_loss_parallel(plan: ModelPlan, tensor_parallel_size: int) -> None:
+    """Before launch: the plan must name a column-sharded head. Under a pipeline the head, the loss and its
+    backward are on the last stage (the strategy opens the context around the whole schedule step), and in
+    evaluation the sharded logits reach the other pipeline ranks shard by shard (``pipeline/relay.py``)."""
     if tensor_parallel_size > 1 and (plan.head is None or plan.head not in plan.tensor_parallel):
         why = ("its output head is replicated over tensor ranks (tied input/output embeddings keep one replicated"
                " weight; a small task head, as BERT's classifier, is not sharded)" if plan.head is None

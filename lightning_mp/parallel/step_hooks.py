@@ -51,7 +51,8 @@ class StepHooks:
         args, kwargs = self.precision_plugin.convert_input((args, kwargs))
         batch, rest = split_step_arguments(args, kwargs)
         self._observe(batch)
-        with context(), self._token_weighting.reducing_logged_values(module):
+        # Loss parallelism: the schedule runs the loss and its backward inside the step.
+        with context(), self._token_weighting.reducing_logged_values(module), loss_parallel_context(self._loss_parallel):
             if hook != "training_step":
                 return self._pipeline.evaluation_step(module, getattr(module, hook), batch, *rest)
             # The schedule runs backward itself, so it applies what Lightning's backward would: the

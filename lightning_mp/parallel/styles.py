@@ -62,11 +62,14 @@ class TransposedColwise(ParallelStyle):
 class TransposedRowwise(ParallelStyle):
     """Row-wise parallelism for a transposed-weight linear layer (see ``TransposedColwise``): ``weight``
     dim 0 sharded, ``bias`` replicated (added once to the reduced sum). The input arrives sharded on its
-    last dimension, or replicated (``split_input``) and split locally; the output is all-reduced."""
+    last dimension, or replicated (``split_input``) and split locally; the output is all-reduced into a
+    local tensor, or (``output_layout=Shard(1)``, sequence parallelism) reduce-scattered into a DTensor
+    sharded on the sequence."""
 
-    def __init__(self, split_input: bool = False) -> None:
+    def __init__(self, split_input: bool = False, output_layout: Placement = Replicate()) -> None:
         super().__init__()
         self.split_input = split_input
+        self.output_layout = output_layout
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         def partition(name: str, mod: nn.Module, mesh: DeviceMesh) -> None:
@@ -77,7 +80,8 @@ class TransposedRowwise(ParallelStyle):
             return (_as_dtensor(inputs[0], mesh, arrives, Shard(inputs[0].dim() - 1)), *inputs[1:])
 
         def prepare_output(mod: nn.Module, output: DTensor, mesh: DeviceMesh) -> torch.Tensor:
-            return output.redistribute(mesh, [Replicate()]).to_local()
+            reduced = output.redistribute(mesh, [self.output_layout])
+            return reduced.to_local() if isinstance(self.output_layout, Replicate) else reduced
 
         return distribute_module(module, device_mesh, partition, prepare_input, prepare_output)
 
@@ -95,23 +99,24 @@ def _as_dtensor(tensor: torch.Tensor, mesh: DeviceMesh, arrives: Placement, want
 
 
 class GatherSequence(ParallelStyle):
-    """Sequence parallelism's entry into a tensor-parallel region (an attention or MLP module): its
-    hidden-states input (the first positional argument or ``hidden_states=``) arrives as a DTensor sharded
-    on the sequence dimension and is all-gathered into a full local tensor for the column-wise projections
-    inside. The region's row-wise projection reduce-scatters back to sequence shards."""
+    """Sequence parallelism's entry into a tensor-parallel region (an attention or MLP module, a replicated
+    head): every DTensor among its inputs (the hidden states, sharded on the sequence dimension) is
+    all-gathered into a full local tensor for the column-wise projections inside, once per distinct tensor
+    (an attention called with ``query``, ``key`` and ``value`` the same hidden states gathers once). The
+    region's row-wise projection reduce-scatters back to sequence shards."""
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        def full(value: object) -> object:
-            if isinstance(value, DTensor):
-                return value.redistribute(placements=[Replicate()]).to_local()
-            return value
-
         def gather(mod: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-            if args:
-                return (full(args[0]), *args[1:]), kwargs
-            if "hidden_states" in kwargs:
-                return args, {**kwargs, "hidden_states": full(kwargs["hidden_states"])}
-            return args, kwargs
+            gathered: dict[int, torch.Tensor] = {}
+
+            def full(value: object) -> object:
+                if not isinstance(value, DTensor):
+                    return value
+                if id(value) not in gathered:
+                    gathered[id(value)] = value.redistribute(placements=[Replicate()]).to_local()
+                return gathered[id(value)]
+
+            return tuple(full(a) for a in args), {k: full(v) for k, v in kwargs.items()}
 
         module.register_forward_pre_hook(gather, with_kwargs=True)
         return module

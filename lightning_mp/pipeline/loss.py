@@ -11,8 +11,17 @@ from __future__ import annotations
 from typing import Any
 
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
 from lightning_mp._compat import tree_flatten, wrap_shape_inference
+
+
+def zero_loss(output: Any) -> Tensor:
+    """A zero that reaches every tensor of ``output`` in backward (a microbatch that must add nothing). A
+    DTensor (vocabulary-sharded logits under loss parallelism) contributes through its local shard, so the
+    zero stays a plain tensor for the schedule's backward."""
+    tensors = [t.to_local() if isinstance(t, DTensor) else t for t in tree_flatten(output)[0] if isinstance(t, Tensor)]
+    return sum(t.sum() for t in tensors) * 0.0
 
 
 class LossSlot:
@@ -29,7 +38,7 @@ class LossSlot:
 
     def __call__(self, output: Any, target: Any, **kwargs: Any) -> Tensor:
         if self.inferring:
-            return sum(t.sum() for t in tree_flatten(output)[0] if isinstance(t, Tensor)) * 0.0
+            return zero_loss(output)
         return self.fn(output, target, **kwargs)
 
     def watch(self, schedule: Any) -> None:

@@ -9,11 +9,14 @@ shapes are host objects: they go over a host-side group, and the log names only 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
 
 from lightning_mp._compat import tree_flatten, tree_unflatten
 
@@ -28,8 +31,11 @@ class StepRelay:
     """
 
     def __init__(self, group: dist.ProcessGroup, host_group: dist.ProcessGroup, source: int,
-                 is_source: bool, device: torch.device) -> None:
+                 is_source: bool, device: torch.device, tensor_mesh: Optional[DeviceMesh] = None) -> None:
+        """``tensor_mesh``: the tensor-parallel mesh, on which DTensor outputs (vocabulary-sharded logits under
+        loss parallelism) are rebuilt on the receiving ranks."""
         self.group = group
+        self.tensor_mesh = tensor_mesh
         self.host_group = host_group
         self.source = source
         self.is_source = is_source
@@ -59,19 +65,49 @@ class StepRelay:
 
     def tree(self, tree: Any) -> Any:
         """The last stage's output (tensors, tuples, None) on every pipeline rank: its structure, shapes and
-        dtypes over the host group, then each tensor over the device group."""
+        dtypes over the host group, then each tensor over the device group. A DTensor travels as its local
+        shard: each tensor rank's pipeline group carries its own shard, rebuilt with the same placements."""
         meta = None
         if self.is_source:
             leaves, spec = tree_flatten(tree)
-            meta = (spec, [(tuple(t.shape), t.dtype) if isinstance(t, Tensor) else t for t in leaves])
+            meta = (spec, [_Sent.of(t) if isinstance(t, Tensor) else t for t in leaves])
         spec, described = self.object(meta)
         received = []
         for index, item in enumerate(described):
-            if not isinstance(item, tuple) or len(item) != 2 or not isinstance(item[1], torch.dtype):
+            if not isinstance(item, _Sent):
                 received.append(item)
                 continue
-            tensor = leaves[index].contiguous() if self.is_source else torch.empty(item[0], dtype=item[1],
-                                                                                     device=self.device)
+            if self.is_source:
+                leaf = leaves[index]
+                tensor = (leaf.to_local() if isinstance(leaf, DTensor) else leaf).contiguous()
+            else:
+                tensor = torch.empty(item.shape, dtype=item.dtype, device=self.device)
             dist.broadcast(tensor, src=self.source, group=self.group)
+            if item.placements is not None:
+                tensor = leaves[index] if self.is_source else item.rebuild(tensor, self.tensor_mesh)
             received.append(tensor)
         return tree_unflatten(received, spec)
+
+
+@dataclass(frozen=True)
+class _Sent:
+    """What the receiving ranks need to allocate a tensor (the local shard's, for a DTensor) and rebuild it."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    placements: Optional[tuple] = None
+    global_shape: Optional[tuple[int, ...]] = None
+    global_stride: Optional[tuple[int, ...]] = None
+
+    @staticmethod
+    def of(tensor: Tensor) -> "_Sent":
+        if isinstance(tensor, DTensor):
+            return _Sent(tuple(tensor.to_local().shape), tensor.dtype, tuple(tensor.placements), tuple(tensor.shape),
+                         tuple(tensor.stride()))
+        return _Sent(tuple(tensor.shape), tensor.dtype)
+
+    def rebuild(self, local: Tensor, mesh: Optional[DeviceMesh]) -> Tensor:
+        if mesh is None:
+            raise RuntimeError("the last pipeline stage sent a DTensor, but this relay knows no tensor-parallel mesh.")
+        return DTensor.from_local(local, mesh, list(self.placements), run_check=False, shape=self.global_shape,
+                                  stride=self.global_stride)

@@ -31,6 +31,7 @@ from torch.distributed.pipelining import (
 from lightning_mp._compat import ScheduleForwardOnly, reset_shape_inference, wrap_shape_inference
 from lightning_mp.config import MULTI_STAGE_SCHEDULES, PIPELINE_SCHEDULES, stages_per_rank, too_few_blocks
 from lightning_mp.pipeline.loss import LossSlot
+from lightning_mp.pipeline.sequence_shards import SequenceShardedStages
 from lightning_mp.pipeline.shapes import NotDerivable, follow_input_shape, forget_given_shapes
 from lightning_mp.pipeline.split import (
     block_list,
@@ -121,6 +122,9 @@ class PipelineRuntime:
         # Set when the stages have no data-parallel peers: torch's own shape re-inference (a real forward and
         # backward) is then safe as a fallback for activations whose shapes cannot be derived.
         self.may_reinfer_shapes = False
+        # Set under sequence parallelism: the stages send their sequence shards (see sequence_shards.py).
+        self.sequence_shards: Optional[SequenceShardedStages] = None
+        self.tensor_mesh: Optional[DeviceMesh] = None  # set by the caller; DTensor outputs are rebuilt on it
 
     # ------------------------------------------------------------ properties
     @property
@@ -166,7 +170,10 @@ class PipelineRuntime:
                     " microbatch must have the same shape."
                 )
         names = [name] * len(args) + list(kwargs)
-        self._follow_shapes(mode, tuple((k, tuple(t.shape), t.dtype) for k, t in zip(names, tensors)))
+        signature = tuple((k, tuple(t.shape), t.dtype) for k, t in zip(names, tensors))
+        if self.sequence_shards is not None and signature:
+            self.sequence_shards.see(signature[0][1])
+        self._follow_shapes(mode, signature)
         return args, kwargs
 
     def _reshard(self) -> None:
@@ -197,8 +204,9 @@ class PipelineRuntime:
             return
         stages = self.stages if mode == "train" else self._eval_stages
         old, new = _microbatch_shape(previous, self.microbatches), _microbatch_shape(signature, self.microbatches)
+        shards = self.sequence_shards
         try:
-            follow_input_shape(stages, old, new)
+            follow_input_shape(stages, old, new, (shards.sent_lead(old), shards.sent_lead(new)) if shards else None)
         except NotDerivable as reason:
             if not self.may_reinfer_shapes:
                 raise ValueError(

@@ -24,6 +24,9 @@ and a host sync every step, only works for inputs with an attention mask, and st
 forward + backward through the whole pipeline) whenever the group's widest row changes, i.e. nearly every
 step on real data; agreeing collectively to re-infer costs the same extra forward + backward.
 
+Under sequence parallelism the tensors sent between stages are each tensor rank's sequence shard,
+``[rows, width / t, hidden]``: they lead with ``(rows, local width)`` instead (``sequence_shards.py``).
+
 When a stage's metadata does not follow the input shape (e.g. an activation without a per-row leading
 dimension), the shapes cannot be derived: without data-parallel peers torch simply re-infers (safe: no
 peer to disagree with); with them the step fails with a ValueError naming the tensors, instead of hanging.
@@ -31,6 +34,7 @@ peer to disagree with); with them the step fails with a ValueError naming the te
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Optional, Sequence
 
 import torch
@@ -42,7 +46,7 @@ class NotDerivable(Exception):
     """A stage's metadata does not lead with the input shape."""
 
 
-def _stride(shape: Sequence[int]) -> tuple[int, ...]:
+def contiguous_stride(shape: Sequence[int]) -> tuple[int, ...]:
     stride, running = [], 1
     for size in reversed(shape):
         stride.append(running)
@@ -58,10 +62,10 @@ def _follow(meta: Any, old: tuple[int, ...], new: tuple[int, ...], what: str) ->
     shape = tuple(meta.shape)
     if shape[: len(old)] != old:
         raise NotDerivable(f"{what} has shape {shape}, which does not start with the input shape {old}")
-    if tuple(meta.stride) != _stride(shape):
+    if tuple(meta.stride) != contiguous_stride(shape):
         raise NotDerivable(f"{what} is not contiguous (stride {tuple(meta.stride)})")
     new_shape = new + shape[len(old):]
-    return TensorMeta(shape=torch.Size(new_shape), stride=_stride(new_shape), dtype=meta.dtype,
+    return TensorMeta(shape=torch.Size(new_shape), stride=contiguous_stride(new_shape), dtype=meta.dtype,
                        requires_grad=meta.requires_grad)
 
 
@@ -80,28 +84,44 @@ def _follow_all(metas: Optional[tuple], old: tuple[int, ...], new: tuple[int, ..
     return tuple(derived)
 
 
-def derived_metadata(stage: Any, old: tuple[int, ...], new: tuple[int, ...]) -> Any:
+def derived_metadata(stage: Any, old: tuple[int, ...], new: tuple[int, ...],
+                     sent: Optional[tuple[tuple[int, ...], tuple[int, ...]]] = None) -> Any:
     """The metadata of ``stage`` for microbatches whose input has shape ``new``, from the metadata it used
     for input shape ``old``; raises :class:`NotDerivable` when a sent or received tensor does not lead
-    with the input shape."""
+    with the input shape.
+
+    ``sent``: (old, new) shape that the tensors sent between stages lead with, when it is not the input's:
+    under sequence parallelism each tensor rank sends its sequence shard (``sequence_shards.py``), while the
+    first stage still receives the whole input.
+    """
     meta = stage_metadata(stage)
     if meta.inputs is None or meta.outputs is None:
         raise NotDerivable(f"stage {stage.stage_index} has no metadata yet")
     name = f"stage {stage.stage_index}"
+    between = sent or (old, new)
+    received = (old, new) if stage.stage_index == 0 else between
+    # The last stage's outputs go to the loss, never to another stage, and their gradients come from the loss:
+    # neither shape is used (a DTensor output, vocabulary-sharded logits under loss parallelism, is kept as it was).
+    outputs = _follow_all(meta.outputs, *between, f"{name} output", keep_if_not=stage.is_last)
+    output_grads = _follow_all(meta.output_grads, *between, f"{name} output gradient", keep_if_not=stage.is_last)
+    if stage.is_last and output_grads is None and outputs is not None:
+        # What torch derives itself for plain outputs; for DTensor outputs it would otherwise infer them, running the
+        # stage again (and comparing what it infers with the metadata given here).
+        output_grads = tuple(None if m is None else replace(m, requires_grad=False) for m in outputs)
     return StageMeta(
-        inputs=_follow_all(meta.inputs, old, new, f"{name} input"),
-        # The last stage's outputs go to the loss, never to another stage: their shapes are not used.
-        outputs=_follow_all(meta.outputs, old, new, f"{name} output", keep_if_not=stage.is_last),
-        input_grads=_follow_all(meta.input_grads, old, new, f"{name} input gradient"),
-        output_grads=_follow_all(meta.output_grads, old, new, f"{name} output gradient"),
+        inputs=_follow_all(meta.inputs, *received, f"{name} input"),
+        outputs=outputs,
+        input_grads=_follow_all(meta.input_grads, *received, f"{name} input gradient"),
+        output_grads=output_grads,
     )
 
 
-def follow_input_shape(stages: Sequence[Any], old: tuple[int, ...], new: tuple[int, ...]) -> None:
+def follow_input_shape(stages: Sequence[Any], old: tuple[int, ...], new: tuple[int, ...],
+                       sent: Optional[tuple[tuple[int, ...], tuple[int, ...]]] = None) -> None:
     """Give every stage the metadata for input shape ``new`` as user-provided metadata, so that the next
     initialization of the schedule uses it instead of inferring (all stages or none: raises
-    :class:`NotDerivable` before changing anything)."""
-    derived = [derived_metadata(stage, old, new) for stage in stages]
+    :class:`NotDerivable` before changing anything). ``sent``: see :func:`derived_metadata`."""
+    derived = [derived_metadata(stage, old, new, sent) for stage in stages]
     for stage, meta in zip(stages, derived):
         give_stage_metadata(stage, meta)
 

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from lightning_mp._compat import tree_flatten, tree_unflatten
 from lightning_mp.parallel.token_weighting import labelled_tokens
+from lightning_mp.pipeline.loss import zero_loss
 from lightning_mp.pipeline.relay import StepRelay
 from lightning_mp.pipeline.runtime import PipelineRuntime
 
@@ -53,7 +54,7 @@ class PipelineLoop:
         self._pending: list[tuple[Tensor, Optional[Tensor]]] = []
         self.host_counts: Optional[tuple[int, list[int]]] = None  # see count_on_host
         self._relay = StepRelay(runtime.group, host_group or runtime.group, self._group_ranks[runtime.last_rank],
-                                runtime.is_last, runtime.device)
+                                runtime.is_last, runtime.device, runtime.tensor_mesh)
         runtime.shell.forward = _outside_steps
         shell_modules = dict(runtime.shell.named_modules())
         # Stage modules are views of the shell, but the containers on the path to the blocks are their own
@@ -91,7 +92,7 @@ class PipelineLoop:
         def microbatch_loss(output: Any, rows: Tensor) -> Tensor:
             weight = weights[int(rows[0]) // rows_per_microbatch]
             if weight == 0.0:  # no labelled token: contributes nothing (and HF's mean would be 0/0)
-                return sum(t.sum() for t in tree_flatten(output)[0] if isinstance(t, Tensor)) * 0.0
+                return zero_loss(output)
             microbatch = _select_rows(padded, rows, padded_size)
             with self.answering(module, output, microbatch), _captured_logs(module) as logged:
                 step_output = module.training_step(microbatch, *step_args)

@@ -78,23 +78,24 @@ def _sequence_parallel(model: nn.Module, prefix: str, blocks: str) -> dict[str, 
     ``BertSelfOutput`` / ``BertOutput``: the sequence shards enter the layer, ``attention.self`` and
     ``intermediate`` gather them for their column-wise projections, the row-wise projections reduce-scatter
     back into shards, and the residual add and LayerNorm run on the shards. The embeddings run whole
-    (replicated, as without sequence parallelism) and hand over this rank's shard; the task head gathers.
-    Only for the token and sequence classifiers (a bare BertModel would return sequence-sharded states),
-    and not for ELECTRA's projected embeddings."""
+    (replicated, as without sequence parallelism) and hand over this rank's shard (ELECTRA: its projection
+    to the hidden width does); the task head gathers. Only for the token and sequence classifiers (a bare
+    BertModel would return sequence-sharded states)."""
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleOutput, RowwiseParallel, SequenceParallel
 
     from lightning_mp.parallel.styles import GatherSequence
 
-    gathered_by = {"BertForTokenClassification": "classifier", "RobertaForTokenClassification": "classifier",
-                   "XLMRobertaForTokenClassification": "classifier",
+    token_classifiers = ("Bert", "Roberta", "XLMRoberta", "Electra")
+    gathered_by = {**{f"{family}ForTokenClassification": "classifier" for family in token_classifiers},
                    "BertForSequenceClassification": f"{prefix}pooler"}.get(type(model).__name__)
-    if gathered_by is None or not prefix or getattr(model.base_model, "embeddings_project", None) is not None:
+    if gathered_by is None or not prefix:
         return None
     sequence = Shard(1)
+    entry = "embeddings_project" if getattr(model.base_model, "embeddings_project", None) is not None else "embeddings"
     return {
-        f"{prefix}embeddings": PrepareModuleOutput(output_layouts=Replicate(), desired_output_layouts=sequence,
-                                                   use_local_output=False),
+        f"{prefix}{entry}": PrepareModuleOutput(output_layouts=Replicate(), desired_output_layouts=sequence,
+                                                use_local_output=False),
         f"{blocks}.*.attention.self": GatherSequence(),
         **{f"{blocks}.*.attention.self.{name}": ColwiseParallel() for name in ("query", "key", "value")},
         f"{blocks}.*.attention.output.dense": RowwiseParallel(output_layouts=sequence, use_local_output=False),

@@ -10,6 +10,9 @@ for fused q/k/v, e.g. Phi-3's ``colwise_gather_output`` / ``rowwise_split_input`
 are still sharded. Embeddings stay replicated; an untied ``lm_head`` is column-wise with its output
 gathered.
 
+Sequence parallelism (GPT2LMHeadModel): ``ln_1``/``ln_2``/``ln_f`` and the residual stream on sequence
+shards, ``attn`` and ``mlp`` gathering their input, both ``c_proj`` reduce-scattering their output.
+
 Pipeline stages use the same own-code pieces as the families transformers plans (``plans/hf.py``):
 ``wte``/``wpe``/``drop`` on the first stage, blocks, ``ln_f`` and ``lm_head`` on the last.
 """
@@ -19,10 +22,10 @@ from __future__ import annotations
 import sys
 
 from torch import nn
-from torch.distributed.tensor import Replicate
-from torch.distributed.tensor.parallel import ColwiseParallel
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleOutput, SequenceParallel
 
-from lightning_mp.parallel.styles import TransposedColwise, TransposedRowwise
+from lightning_mp.parallel.styles import GatherSequence, TransposedColwise, TransposedRowwise
 from lightning_mp.plans import ModelPlan
 from lightning_mp.plans.hf import is_tied, own_code_pipeline
 
@@ -57,4 +60,28 @@ def gpt2_plan(model: nn.Module) -> ModelPlan:
         tensor_parallel=styles, blocks=blocks, divisible_sizes=divisible, name=type(model).__name__,
         pipeline=own_code_pipeline(model, blocks, first, (f"{prefix}ln_f",), ("lm_head",) if causal else ()),
         shifted_labels=causal, head="lm_head" if "lm_head" in styles else None,
+        sequence_parallel=_sequence_parallel(model, blocks) if causal and not config.add_cross_attention else None,
     )
+
+
+def _sequence_parallel(model: nn.Module, blocks: str) -> dict:
+    """GPT-2's block with sequence parallelism: ``ln_1``, ``ln_2``, ``ln_f`` and the residual stream on the
+    sequence shards; ``attn`` and ``mlp`` gather their input, their row-wise ``c_proj`` reduce-scatters back
+    into shards. The embeddings' sum runs whole (``wte`` is replicated) and ``drop`` hands over this rank's
+    shard; the head gathers (column-wise when untied, replicated when tied to ``wte``)."""
+    sequence = Shard(1)
+    head = GatherSequence() if is_tied(model) else ColwiseParallel(input_layouts=sequence, output_layouts=Replicate())
+    return {
+        "transformer.drop": PrepareModuleOutput(output_layouts=Replicate(), desired_output_layouts=sequence,
+                                                use_local_output=False),
+        f"{blocks}.*.ln_1": SequenceParallel(),
+        f"{blocks}.*.attn": GatherSequence(),
+        f"{blocks}.*.attn.c_attn": TransposedColwise(gather_output=True),
+        f"{blocks}.*.attn.c_proj": TransposedRowwise(split_input=True, output_layout=sequence),
+        f"{blocks}.*.ln_2": SequenceParallel(),
+        f"{blocks}.*.mlp": GatherSequence(),
+        f"{blocks}.*.mlp.c_fc": TransposedColwise(),
+        f"{blocks}.*.mlp.c_proj": TransposedRowwise(output_layout=sequence),
+        "transformer.ln_f": SequenceParallel(),
+        "lm_head": head,
+    }

@@ -37,7 +37,13 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import Replicate, Shard
-from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, SequenceParallel
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    ParallelStyle,
+    PrepareModuleOutput,
+    RowwiseParallel,
+    SequenceParallel,
+)
 
 from lightning_mp.parallel.styles import GatherSequence, HeadShardedNorm
 from lightning_mp.plans import ModelPlan, PipelinePlan
@@ -167,19 +173,30 @@ _SP_BLOCK_STYLES: dict[str, Callable[[], ParallelStyle]] = {
 def _sequence_parallel_plan(model: nn.Module, styles: dict[str, str], blocks: str | None) -> dict[str, Any] | None:
     """The family's plan with sequence parallelism, derived from its structure: every direct child of a block
     that holds a planned projection is a tensor-parallel region (gathers its input), every other one with
-    parameters is a norm (sequence-sharded); the final norm too. None when the structure does not fit (a
-    tied head, an embedding not in the plan, a block child that is neither)."""
+    parameters is a norm (sequence-sharded); the final norm too. None when the structure does not fit (no
+    head: a base model would return sequence-sharded states; an untied embedding or head not in the plan;
+    a block child that is neither)."""
     embedding = _path_of(model, model.get_input_embeddings())
     head = _path_of(model, model.get_output_embeddings())
-    if blocks is None or styles.get(embedding) != "embedding_rowwise" or styles.get(head) != "colwise_gather_output":
+    if blocks is None or embedding is None or head is None:
+        return None
+    plan: dict[str, Any] = {}
+    if is_tied(model):
+        # One replicated weight for both (see hf_plan): the embedding's whole output is cut into this rank's
+        # sequence shard, and the head gathers the final norm's shards.
+        plan[embedding] = PrepareModuleOutput(output_layouts=Replicate(), desired_output_layouts=SEQUENCE,
+                                              use_local_output=False)
+        plan[head] = GatherSequence()
+    elif styles.get(embedding) == "embedding_rowwise" and styles.get(head) == "colwise_gather_output":
+        # The embedding reduce-scatters its vocabulary-parallel lookup straight into sequence shards; the head
+        # gathers the final norm's shards.
+        plan[embedding] = RowwiseParallel(input_layouts=Replicate(), output_layouts=SEQUENCE, use_local_output=False)
+        plan[head] = ColwiseParallel(input_layouts=SEQUENCE, output_layouts=Replicate())
+    else:
         return None
     planned = {glob.split(".")[len(blocks.split(".")) + 1] for glob in styles if glob.startswith(f"{blocks}.*.")}
-    plan: dict[str, Any] = {glob: _SP_BLOCK_STYLES[style]() for glob, style in styles.items()
-                            if style in _SP_BLOCK_STYLES and glob.startswith(f"{blocks}.*.")}
-    # The embedding reduce-scatters its vocabulary-parallel lookup straight into sequence shards; the head
-    # gathers the final norm's shards.
-    plan[embedding] = RowwiseParallel(input_layouts=Replicate(), output_layouts=SEQUENCE, use_local_output=False)
-    plan[head] = ColwiseParallel(input_layouts=SEQUENCE, output_layouts=Replicate())
+    plan.update({glob: _SP_BLOCK_STYLES[style]() for glob, style in styles.items()
+                 if style in _SP_BLOCK_STYLES and glob.startswith(f"{blocks}.*.")})
     for name, child in model.get_submodule(blocks)[0].named_children():
         if name in planned:
             plan[f"{blocks}.*.{name}"] = GatherSequence()

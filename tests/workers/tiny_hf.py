@@ -18,14 +18,14 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-VOCAB, SEQ, LABELS = 96, 12, 5
+VOCAB, SEQ, LABELS, HIDDEN = 96, 12, 5, 32
 PAD = 0
 
-_COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+_COMMON = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
                max_position_embeddings=64, pad_token_id=PAD, bos_token_id=1, eos_token_id=2,
                tie_word_embeddings=False)
 _NO_DROPOUT = dict(attention_dropout=0.0)
-_BERT_LIKE = dict(vocab_size=VOCAB, hidden_size=32, num_attention_heads=4, intermediate_size=64,
+_BERT_LIKE = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_attention_heads=4, intermediate_size=64,
                   max_position_embeddings=64, pad_token_id=PAD, hidden_dropout_prob=0.0,
                   attention_probs_dropout_prob=0.0, num_labels=LABELS)
 

@@ -74,6 +74,8 @@ def main() -> None:
                         help="after training, record the class, placements and local shape of the model's logits")
     parser.add_argument("--probe-hidden", action="store_true",
                         help="after training, record the class, placements and local shape of block 0's output")
+    parser.add_argument("--probe-sent", action="store_true",
+                        help="under a pipeline: the shapes of what the first stage received and sent in the last step")
     parser.add_argument("--variable-width", action="store_true",
                         help="batches padded to their own longest row; only data-parallel rank 1's width changes")
     args = parser.parse_args()
@@ -156,6 +158,11 @@ def main() -> None:
             result["logits"] = describe(logits)
         if args.probe_hidden:
             result["hidden"] = describe(seen[0][0] if isinstance(seen[0], tuple) else seen[0])
+    if args.probe_sent:  # rank 0 holds the first stage (and tensor rank 0's shard)
+        from lightning_mp._compat import stage_metadata
+
+        meta = stage_metadata(trainer.strategy._pipeline.runtime.stages[0])
+        result["sent"] = (tuple(meta.inputs[0].shape), tuple(meta.outputs[0].shape))
     if args.strategy == "lightning_mp":
         from lightning_mp.checkpoint.state import model_state
         from lightning_mp.planner.measure import local_state_bytes
