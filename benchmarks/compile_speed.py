@@ -52,8 +52,8 @@ def worker(args: argparse.Namespace) -> None:
             self.model = BertForTokenClassification(config)
 
         def training_step(self, batch, batch_idx):
-            input_ids, labels = batch
-            loss = self.model(input_ids=input_ids, labels=labels).loss
+            # A dict of model inputs: what a pipeline needs (peers.py's (inputs, labels) pairs cannot be pipelined).
+            loss = self.model(**batch).loss
             self.log("train_loss", loss)
             return loss
 
@@ -78,7 +78,9 @@ def worker(args: argparse.Namespace) -> None:
     generator = torch.Generator().manual_seed(0)
     inputs = torch.randint(1, 8000, (args.steps * args.batch, args.seq), generator=generator)
     labels = torch.randint(0, 9, (args.steps * args.batch, args.seq), generator=generator)
-    loader = DataLoader(TensorDataset(inputs, labels), batch_size=args.batch // data_size)
+    loader = DataLoader(TensorDataset(inputs, labels), batch_size=args.batch // data_size,
+                        collate_fn=lambda rows: {"input_ids": torch.stack([r[0] for r in rows]),
+                                                 "labels": torch.stack([r[1] for r in rows])})
     timer = Timer()
     trainer = L.Trainer(accelerator=args.accelerator, devices=args.devices, strategy=ModelParallelStrategy(**layout),
                         max_steps=args.steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
