@@ -95,6 +95,8 @@ if _execution_engine is None or not hasattr(_execution_engine, "queue_callback")
     raise _missing("Variable._execution_engine.queue_callback", "torch.autograd.variable")
 queue_backward_callback = _execution_engine.queue_callback
 get_default_store = _require("torch.distributed.distributed_c10d", "_get_default_store")
+# What torch.compile did in this process (graphs captured, frames tried): tests and benchmarks bound recompiles.
+dynamo_counters = _require("torch._dynamo.utils", "counters")
 ScheduleForwardOnly = _require("torch.distributed.pipelining.schedules", "_ScheduleForwardOnly")
 EmptyStateDictLoadPlanner = _require("torch.distributed.checkpoint.default_planner", "_EmptyStateDictLoadPlanner")
 load_state_dict_without_planning = _require("torch.distributed.checkpoint.state_dict_loader", "_load_state_dict")

@@ -109,6 +109,7 @@ class ParallelConfig:
     microbatches: int | None = None
     loss_parallel: bool = False  # cross-entropy on vocabulary-sharded logits (parallel/loss_parallel.py)
     sequence_parallel: bool = False  # norms and residual stream on sequence shards between tensor-parallel regions
+    compile: bool = False  # torch.compile each block (parallel/compile.py)
 
     def __post_init__(self) -> None:
         self._check_static()
@@ -137,7 +138,7 @@ class ParallelConfig:
             )
         stages_per_rank(self.pipeline_schedule)
         checkpoint_mode(self.activation_checkpointing)
-        for name in ("loss_parallel", "sequence_parallel"):
+        for name in ("loss_parallel", "sequence_parallel", "compile"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}.")
 
@@ -166,6 +167,15 @@ class ParallelConfig:
                 f"data_parallel_size ({dp}) × tensor_parallel_size ({tp}) × pipeline_parallel_size ({pp})"
                 f" = {dp * tp * pp}, but the world size is {world_size} (num_nodes × devices)."
                 f" {_suggest(world_size)}"
+            )
+        if self.compile and tp > 1:
+            # Measured with torch 2.13 (CPU, gloo): tracing the backward of tensor-parallel blocks recurses without
+            # end with dynamic shapes, and hands a plain tensor to DTensor's redistribution without them.
+            raise ValueError(
+                f"compile=True with tensor_parallel_size={tp} is not supported yet: torch {_torch_version()} fails to"
+                " compile blocks whose parameters are tensor-parallel DTensors (RecursionError while tracing their"
+                " backward). Use compile=False with tensor parallelism, or tensor_parallel_size=1 (compile works with"
+                " data parallelism and pipelines)."
             )
         replicate, shard = self._split_data_parallel(dp, world_size // devices_per_node)
         return MeshShape(pipeline=pp, data_replicate=replicate, data_shard=shard, tensor=tp)
@@ -196,6 +206,12 @@ class ParallelConfig:
                 f" valid values: {divisors(dp)}."
             )
         return replicate, dp // replicate
+
+
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__
 
 
 def divisors(n: int) -> list[int]:
@@ -251,13 +267,18 @@ def check_pipeline(config: ParallelConfig, num_blocks: int, local_batch_size: in
 # A stuck job ends itself after this long without a step (see processes/watch.py), unless the process group's timeout
 # is shorter: then half of that, so that the watch, not a collective's timeout, reports where every rank is.
 DEFAULT_PROGRESS_TIMEOUT_S = 300.0
+COMPILING_PROGRESS_TIMEOUT_S = 900.0
 
 
 def progress_timeout_seconds(progress_timeout: Union[float, timedelta, None, Literal["auto"]],
-                             timeout: Optional[timedelta]) -> Optional[float]:
-    """``progress_timeout`` in seconds (None: no progress watch); ``timeout`` is the process group's."""
+                             timeout: Optional[timedelta], compiling: bool = False) -> Optional[float]:
+    """``progress_timeout`` in seconds (None: no progress watch); ``timeout`` is the process group's.
+    ``compiling``: blocks are compiled in the first step, which can take minutes (measured: 5-6 min for a tiny
+    model on 2 loaded CPU cores), so "auto" allows half the process-group timeout (15 min by default)."""
     group_s = timeout.total_seconds() if timeout is not None else None
     if progress_timeout == "auto":
+        if compiling:
+            return COMPILING_PROGRESS_TIMEOUT_S if group_s is None else group_s / 2
         return DEFAULT_PROGRESS_TIMEOUT_S if group_s is None else min(DEFAULT_PROGRESS_TIMEOUT_S, group_s / 2)
     if progress_timeout is None:
         return None

@@ -83,13 +83,18 @@ class ModelParallelStrategy(CheckpointHooks, StepHooks, ParallelStrategy):
         save_distributed_checkpoint: sharded directory (True) or one full file written by rank 0.
         progress_timeout: seconds (or a timedelta) without a training step or evaluation batch on any rank
             after which the job prints where every rank is and exits with code 1; ``"auto"``: 300 s, or half
-            of ``timeout`` when that is shorter; ``None``: never (see ``processes/watch.py``).
+            of ``timeout`` when that is shorter (with ``compile=True``: half of ``timeout``, as the first step
+            compiles); ``None``: never (see ``processes/watch.py``).
         layout: ``"auto"``: the planner (``lightning_mp.planner``) chooses every degree, microbatches, FSDP mode,
             activation checkpointing (none, full or selective) and sequence parallelism for the model, world size
             and ``device_memory_gb`` (default: read from the GPU), given ``global_batch_size`` and
             ``sequence_length``; the degree arguments are then ignored. ``loss_parallel=True`` lets it turn loss
             parallelism on where it applies (it changes what ``.logits`` is, so it is never chosen unasked).
             Decided when the model is known, before any process starts.
+        compile: ``torch.compile`` each block of the plan (the FSDP and activation-checkpointing unit), after
+            activation checkpointing, before FSDP; one graph serves every sequence length (dynamic shapes) and
+            every block of one class. Needs a plan that names the blocks; not yet with tensor parallelism. See
+            ``parallel/compile.py``.
     """
 
     strategy_name = "lightning_mp"
@@ -134,6 +139,7 @@ class ModelParallelStrategy(CheckpointHooks, StepHooks, ParallelStrategy):
         device_memory_gb: Optional[float] = None,
         loss_parallel: bool = False,
         sequence_parallel: bool = False,
+        compile: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -153,6 +159,7 @@ class ModelParallelStrategy(CheckpointHooks, StepHooks, ParallelStrategy):
             microbatches=microbatches,
             loss_parallel=loss_parallel,
             sequence_parallel=sequence_parallel,
+            compile=compile,
         )
         self._split_points = list(pipeline_split_points) if pipeline_split_points is not None else None
         if isinstance(plan, dict):
@@ -170,7 +177,8 @@ class ModelParallelStrategy(CheckpointHooks, StepHooks, ParallelStrategy):
         self._pipeline: Optional[PipelineLoop] = None
         self._loss_parallel = False  # set when the model is parallelized
         self._tied_names: dict[str, str] = {}
-        self._failure_watch = FailureWatch(progress_timeout=progress_timeout_seconds(progress_timeout, timeout))
+        self._failure_watch = FailureWatch(progress_timeout=progress_timeout_seconds(progress_timeout, timeout,
+                                                                                     compiling=compile))
         self.num_nodes = 1
 
     # ---------------------------------------------------------------- layout and processes
@@ -253,7 +261,7 @@ class ModelParallelStrategy(CheckpointHooks, StepHooks, ParallelStrategy):
         assert self._auto is not None
         accelerator = self.root_device.type if self.parallel_devices else "auto"
         chosen = self._auto.choose_for(model, self.num_processes, self.num_nodes, self._precision, accelerator)
-        self.parallel_config = ParallelConfig(**chosen.layout.strategy_kwargs())
+        self.parallel_config = ParallelConfig(**chosen.layout.strategy_kwargs(), compile=self.parallel_config.compile)
         self._layout_chosen = True
         rank_zero_info(f"layout='auto': {chosen.summary()}")
 

@@ -1,9 +1,9 @@
 """Apply a plan to the model inside a LightningModule, axis by axis, in torchtitan's order.
 
-Without a pipeline: tensor parallelism → activation checkpointing → FSDP (one unit per block, then the
-model, then whatever else in the LightningModule holds parameters), or, when data parallelism is pure
-replication, bucketed gradient all-reduces instead of FSDP (``replicate.py``). With a pipeline: the model is cut
-into this rank's stages first, the same three axes are applied to every stage module, and the
+Without a pipeline: tensor parallelism → activation checkpointing → compile (per block) → FSDP (one unit per
+block, then the model, then whatever else in the LightningModule holds parameters), or, when data parallelism
+is pure replication, bucketed gradient all-reduces instead of FSDP (``replicate.py``). With a pipeline: the
+model is cut into this rank's stages first, the same axes are applied to every stage module, and the
 LightningModule keeps this rank's *shell* in place of the model (its parameters under the original
 names), so ``configure_optimizers``, checkpoints and hooks see only what this rank owns.
 """
@@ -20,6 +20,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from lightning_mp.config import MeshShape, ParallelConfig, check_divisible, check_pipeline, stages_per_rank
 from lightning_mp.mesh import DATA_REPLICATE, DATA_SHARD, PIPELINE, TENSOR, fsdp_mesh
 from lightning_mp.parallel.activation_checkpointing import apply_activation_checkpointing
+from lightning_mp.parallel.compile import apply_compile
 from lightning_mp.parallel.fsdp import apply_fsdp, mixed_precision_policy
 from lightning_mp.parallel.replicate import ReplicatedGradients, replicate
 from lightning_mp.parallel.loss_parallel import check_loss_parallel, with_sharded_head
@@ -54,6 +55,8 @@ def resolve_plan(module: nn.Module, user_plan: Optional[ModelPlan], shape: MeshS
             )
         if shape.pipeline > 1:
             raise ValueError(_no_pipeline_plan(shape, f"no plan is known for the models inside {type(module).__name__}"))
+        if config.compile:
+            raise ValueError(_no_blocks_to_compile(f"no plan is known for the models inside {type(module).__name__}"))
         return None
     path, model, plan = found
     for axis, size in (("tensor", shape.tensor), ("pipeline", shape.pipeline)):
@@ -67,6 +70,8 @@ def resolve_plan(module: nn.Module, user_plan: Optional[ModelPlan], shape: MeshS
     if config.checkpoint_mode and plan.blocks is None:
         raise ValueError(f"activation_checkpointing={config.activation_checkpointing!r} needs a plan that names the"
                          f" blocks of {plan.name}.")
+    if config.compile and plan.blocks is None:
+        raise ValueError(_no_blocks_to_compile(f"the plan for {plan.name} names no blocks"))
     if shape.pipeline > 1:
         _check_pipelinable(module, path, model, plan, shape, config)
         if split_points is not None:
@@ -100,6 +105,14 @@ def _no_pipeline_plan(shape: MeshShape, reason: str) -> str:
         f"pipeline_parallel_size={shape.pipeline}, but {reason}. Register a plan whose ModelPlan has `blocks` and a"
         " `pipeline=PipelinePlan(...)` (see lightning_mp/plans/bert.py) with `lightning_mp.register_plan`,"
         " or set pipeline_parallel_size=1."
+    )
+
+
+def _no_blocks_to_compile(reason: str) -> str:
+    return (
+        f"compile=True compiles each block of the model (the unit of FSDP and activation checkpointing), but {reason}."
+        " Register a plan whose ModelPlan names `blocks` (the dotted path of the block list) with"
+        " `lightning_mp.register_plan`, or set compile=False and compile the model yourself in `configure_model`."
     )
 
 
@@ -154,14 +167,16 @@ def parallelize(module: nn.Module, planned: Optional[PlannedModel], mesh: Device
 
 def _apply_axes(root: nn.Module, model: Optional[nn.Module], blocks: list[nn.Module], plan: ModelPlan,
                 mesh: DeviceMesh, dp_mesh: Optional[DeviceMesh], config: ParallelConfig, policy: Any) -> None:
-    """Tensor parallelism on ``model``, activation checkpointing of ``blocks``, then FSDP: one unit per
-    block, then ``model``, then whatever in ``root`` still holds parameters."""
+    """Tensor parallelism on ``model``, activation checkpointing of ``blocks``, compile of ``blocks``, then FSDP:
+    one unit per block, then ``model``, then whatever in ``root`` still holds parameters."""
     if model is not None:
         apply_tensor_parallel(model, mesh[TENSOR], plan.tensor_parallel)
+    owner_path = (plan.blocks or "").rpartition(".")[0]
+    owner = (model.get_submodule(owner_path) if owner_path else model) if model is not None else None
     if config.checkpoint_mode:
-        owner_path = (plan.blocks or "").rpartition(".")[0]
-        owner = (model.get_submodule(owner_path) if owner_path else model) if model is not None else None
-        apply_activation_checkpointing(blocks, config.checkpoint_mode, owner)
+        apply_activation_checkpointing(blocks, config.checkpoint_mode, owner, traced=config.compile)
+    if config.compile:
+        apply_compile(blocks, owner)
     if dp_mesh is not None:
         apply_fsdp(root, model, blocks, dp_mesh, policy)
 

@@ -21,17 +21,19 @@ def parallel_kwargs(cfg: DictConfig, auto: Optional[Callable[[DictConfig], dict[
     """The short recipe names (parallel.tensor=2) mapped to the strategy's argument names; with
     ``parallel=auto``, ``auto(cfg)`` (the planner's choice for the recipe's model)."""
     p = cfg.parallel
+    # Independent of the degrees: kept when the planner chooses them.
+    switches = dict(compile=bool(p.get("compile", False)))
     if p.get("auto"):
         if auto is None:
             raise ValueError("parallel=auto: the planner does not know this recipe's model family yet; pass the"
                              " degrees (parallel.data / parallel.tensor / parallel.pipeline).")
-        return auto(cfg)
+        return {**auto(cfg), **switches}
     return dict(
         data_parallel_size=p.data, tensor_parallel_size=p.tensor, pipeline_parallel_size=p.pipeline,
         data_parallel_mode=p.mode, data_parallel_replicate_size=p.replicate,
         activation_checkpointing=p.activation_checkpointing, pipeline_schedule=p.schedule,
         microbatches=p.microbatches, loss_parallel=bool(p.get("loss_parallel", False)),
-        sequence_parallel=bool(p.get("sequence_parallel", False)),
+        sequence_parallel=bool(p.get("sequence_parallel", False)), **switches,
     )
 
 

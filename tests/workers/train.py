@@ -25,9 +25,16 @@ class RecordLoss(Callback):
         self.losses: list[float] = []
         self.grad_norms: list[float] = []
         self.record_grad_norms = grad_norms
+        self.widths: list[int] = []  # of this rank's batches
+        self.compiled: list[dict] = []  # what torch.compile had done in this process after each step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        from lightning_mp.parallel.compile import compile_counts
+
         self.losses.append(float(trainer.callback_metrics["train_loss"]))
+        if isinstance(batch, dict):
+            self.widths.append(int(batch["input_ids"].shape[1]))
+        self.compiled.append(compile_counts())
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         # After the GradScaler unscaled the gradients, before clipping: the global norm over every shard.
@@ -120,7 +127,8 @@ def main() -> None:
     module = Module()
     single = args.strategy == "none"
     trainer.fit(module, make_loader(args.batch_size // data_size, single_process=single))
-    result = {"losses": recorder.losses, "grad_norms": recorder.grad_norms}
+    result = {"losses": recorder.losses, "grad_norms": recorder.grad_norms, "widths": recorder.widths,
+              "compiled": recorder.compiled}
     scaler = getattr(trainer.precision_plugin, "scaler", None)
     result["grad_scale"] = scaler.get_scale() if scaler is not None else None
     if args.validate:
@@ -171,6 +179,9 @@ def main() -> None:
         watch_running = [None] * trainer.world_size
         torch.distributed.all_gather_object(watch_running, trainer.strategy._failure_watch.running)
         result["failure_watch_running"] = watch_running
+        per_rank = [None] * trainer.world_size
+        torch.distributed.all_gather_object(per_rank, {"widths": recorder.widths, "compiled": recorder.compiled})
+        result["steps_per_rank"] = per_rank
         # Who started the ranks and the numbers each rank took from it (SLURM's, torchrun's or Lightning's).
         env = trainer.strategy.cluster_environment
         ranks = [None] * trainer.world_size
