@@ -145,7 +145,7 @@ class ModelParallelStrategy(CheckpointHooks, StepHooks, ParallelStrategy):
         super().__init__(**kwargs)
         if layout not in ("manual", "auto"):
             raise ValueError(f"layout={layout!r}: use 'manual' (the degrees you pass) or 'auto' (the planner's).")
-        self._auto = (AutoLayout(global_batch_size, sequence_length, device_memory_gb, loss_parallel)
+        self._auto = (AutoLayout(global_batch_size, sequence_length, device_memory_gb, loss_parallel, compile)
                       if layout == "auto" else None)
         self._layout_chosen = False
         self.parallel_config = ParallelConfig(

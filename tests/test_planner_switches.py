@@ -123,3 +123,26 @@ def test_auto_layout_hands_the_chosen_switches_to_the_strategy(allowed):
 AUTO_MODEL = dict(vocab_size=2000, num_hidden_layers=1, num_key_value_heads=4)
 AUTO_BATCH, AUTO_SEQ, AUTO_MEMORY_GB = 1, 16384, 0.15
 AUTO_EXPECTED = {True: (False, False), False: (True, "full")}
+
+
+def test_the_search_keeps_compiled_blocks_off_tensor_parallelism():
+    """compile=True is refused with tensor parallelism by the strategy, so the planner never picks such a layout;
+    where only tensor parallelism fits, layout='auto' says so before any process starts."""
+    shape = shape_from_config(LLAMA3_70B)
+    cluster = Cluster(devices_per_node=8, num_nodes=32)
+    eager, _ = choose(shape, cluster, global_batch=512, seq=8192)
+    compiled, ranked = choose(shape, cluster, global_batch=512, seq=8192, compile=True)
+    assert eager.layout.tensor > 1 and compiled.layout.tensor == 1
+    assert all("compile=True is not supported with tensor parallelism" in (c.rejected or "")
+               for c in ranked if 1 < c.layout.tensor <= 8)  # wider ones would cross nodes, said first
+
+    class Module(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = LlamaForCausalLM(LlamaConfig(**{**TINY, **AUTO_MODEL}))
+
+    strategy = ModelParallelStrategy(layout="auto", global_batch_size=AUTO_BATCH, sequence_length=AUTO_SEQ,
+                                     device_memory_gb=AUTO_MEMORY_GB, compile=True)
+    L.Trainer(accelerator="cpu", devices=4, strategy=strategy, logger=False)
+    with pytest.raises(ValueError, match=r"no layout of 4 devices fits this model"):  # eager: tp=4 (test above)
+        strategy.check_model(Module())

@@ -27,9 +27,10 @@ class Candidate:
 
 
 def candidates(model: Shape, cluster: Cluster, global_batch: int, seq: int,
-               precision: str = "bf16-mixed", loss_parallel: bool = True) -> list[Candidate]:
+               precision: str = "bf16-mixed", loss_parallel: bool = True, compile: bool = False) -> list[Candidate]:
     """Every layout worth considering, each with its memory, time and (if any) why it is rejected.
-    ``loss_parallel``: whether it may be used (it turns the model's ``.logits`` into a sharded DTensor)."""
+    ``loss_parallel``: whether it may be used (it turns the model's ``.logits`` into a sharded DTensor);
+    ``compile``: the blocks will be compiled, which the strategy refuses with tensor parallelism."""
     limit = cluster.device_memory_gb * 2**30 * cluster.usable_fraction
     found = []
     for tp, pp in itertools.product(divisors(cluster.world_size), repeat=2):
@@ -39,6 +40,8 @@ def candidates(model: Shape, cluster: Cluster, global_batch: int, seq: int,
         reason = None
         if tp > cluster.devices_per_node:
             reason = f"tensor parallelism over {tp} devices would cross nodes ({cluster.devices_per_node} per node)"
+        elif compile and tp > 1:
+            reason = f"compile=True is not supported with tensor parallelism (tp={tp}); only tp=1 layouts compile"
         elif model.tensor_parallel_problem(tp):
             reason = model.tensor_parallel_problem(tp)
         elif too_few_blocks(pp, model.layers):
@@ -79,11 +82,11 @@ def _variants(dp: int, tp: int, pp: int, local_batch: int, model: Shape, cluster
 
 
 def choose(model: Shape, cluster: Cluster, global_batch: int, seq: int, precision: str = "bf16-mixed",
-           loss_parallel: bool = True) -> tuple[Candidate, list[Candidate]]:
+           loss_parallel: bool = True, compile: bool = False) -> tuple[Candidate, list[Candidate]]:
     """The fastest layout that fits, and every candidate ranked (fitting ones first, by time)."""
     # Fitting layouts by estimated time; then those rejected for memory (closest to fitting first), which
     # say the most about the model; then structurally impossible ones.
-    ranked = sorted(candidates(model, cluster, global_batch, seq, precision, loss_parallel),
+    ranked = sorted(candidates(model, cluster, global_batch, seq, precision, loss_parallel, compile),
                     key=lambda c: (c.rejected is not None, c.memory.total == 0,
                                    c.time.total if c.rejected is None else c.memory.total))
     fitting = [c for c in ranked if c.rejected is None]
@@ -122,6 +125,7 @@ class AutoLayout:
     sequence_length: int
     device_memory_gb: Optional[float] = None
     loss_parallel: bool = False  # may the planner shard the logits (the model's ``.logits`` become a DTensor)
+    compile: bool = False  # the blocks will be compiled: tensor-parallel layouts are refused by the strategy
 
     def __post_init__(self) -> None:
         for name in ("global_batch_size", "sequence_length"):
@@ -148,5 +152,5 @@ class AutoLayout:
             )
         cluster = Cluster(devices_per_node, num_nodes, self.device_memory_gb or device_memory_gb(accelerator))
         best, _ = choose(shape_from_config(config), cluster, self.global_batch_size, self.sequence_length, precision,
-                         loss_parallel=self.loss_parallel)
+                         loss_parallel=self.loss_parallel, compile=self.compile)
         return best
