@@ -101,15 +101,10 @@ def test_the_search_uses_the_switches_only_where_the_strategy_accepts_them():
 
 @pytest.mark.parametrize("allowed", [True, False])
 def test_auto_layout_hands_the_chosen_switches_to_the_strategy(allowed):
-    class Module(L.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = LlamaForCausalLM(LlamaConfig(**{**TINY, **AUTO_MODEL}))
-
     strategy = ModelParallelStrategy(layout="auto", global_batch_size=AUTO_BATCH, sequence_length=AUTO_SEQ,
                                      device_memory_gb=AUTO_MEMORY_GB, loss_parallel=allowed)
     L.Trainer(accelerator="cpu", devices=4, strategy=strategy, logger=False)
-    strategy.check_model(Module())  # chooses, then resolves the plan with the chosen switches
+    strategy.check_model(AutoModule())  # chooses, then resolves the plan with the chosen switches
     chosen = strategy.parallel_config
     assert strategy.mesh_shape.tensor == 4
     assert chosen.loss_parallel is allowed
@@ -136,13 +131,16 @@ def test_the_search_keeps_compiled_blocks_off_tensor_parallelism():
     assert all("compile=True is not supported with tensor parallelism" in (c.rejected or "")
                for c in ranked if 1 < c.layout.tensor <= 8)  # wider ones would cross nodes, said first
 
-    class Module(L.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = LlamaForCausalLM(LlamaConfig(**{**TINY, **AUTO_MODEL}))
-
     strategy = ModelParallelStrategy(layout="auto", global_batch_size=AUTO_BATCH, sequence_length=AUTO_SEQ,
                                      device_memory_gb=AUTO_MEMORY_GB, compile=True)
     L.Trainer(accelerator="cpu", devices=4, strategy=strategy, logger=False)
     with pytest.raises(ValueError, match=r"no layout of 4 devices fits this model"):  # eager: tp=4 (test above)
-        strategy.check_model(Module())
+        strategy.check_model(AutoModule())
+
+
+class AutoModule(L.LightningModule):
+    """The model of the layout="auto" tests, built in __init__ (the planner reads its shape before launch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = LlamaForCausalLM(LlamaConfig(**{**TINY, **AUTO_MODEL}))
