@@ -162,8 +162,12 @@ check_schedule_internals()
 # A PipelineStage keeps the metadata of the tensors it sends and receives (shape, stride, dtype, grad) in
 # ``_stage_meta``; metadata given up front (``_user_meta``, the constructor's input_args/output_args) makes the
 # schedule's next initialization use it instead of running the stage (its "static" mode).
-StageMeta = _require("torch.distributed.pipelining._utils", "_StageMeta")
-TensorMeta = _require("torch.distributed.pipelining._utils", "_TensorMeta")
+# torch 2.11 has neither class: they are looked up when a pipeline is built (``stage_metadata_types``), so that
+# layouts without a pipeline run on such a torch while a pipeline fails at once, naming the versions.
+def stage_metadata_types() -> tuple[Any, Any]:
+    """``(_StageMeta, _TensorMeta)`` of ``torch.distributed.pipelining._utils``."""
+    return (_require("torch.distributed.pipelining._utils", "_StageMeta"),
+            _require("torch.distributed.pipelining._utils", "_TensorMeta"))
 
 
 def stage_metadata(stage: Any) -> Any:

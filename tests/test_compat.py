@@ -71,6 +71,7 @@ def test_every_fenced_name_exists():
                  "load_state_dict_without_planning", "queue_backward_callback"):
         assert callable(getattr(_compat, name)), name
     _compat.check_schedule_internals()
+    assert all(isinstance(cls, type) for cls in _compat.stage_metadata_types())
 
 
 def test_a_missing_private_name_fails_loudly_with_the_versions():

@@ -7,9 +7,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from lightning_mp._compat import StageMeta as _StageMeta, TensorMeta as _TensorMeta
-
+from lightning_mp._compat import stage_metadata_types
 from lightning_mp.pipeline.shapes import NotDerivable, derived_metadata, follow_input_shape
+
+_StageMeta, _TensorMeta = stage_metadata_types()
 
 
 def meta(*shape: int, dtype=torch.float32, requires_grad=False) -> _TensorMeta:

@@ -28,7 +28,7 @@ from torch.distributed.pipelining import (
     ScheduleZBVZeroBubble,
 )
 
-from lightning_mp._compat import ScheduleForwardOnly, reset_shape_inference, wrap_shape_inference
+from lightning_mp._compat import ScheduleForwardOnly, reset_shape_inference, stage_metadata_types, wrap_shape_inference
 from lightning_mp.config import MULTI_STAGE_SCHEDULES, PIPELINE_SCHEDULES, stages_per_rank, too_few_blocks
 from lightning_mp.pipeline.loss import LossSlot
 from lightning_mp.pipeline.sequence_shards import SequenceShardedStages
@@ -344,6 +344,7 @@ def build_pipeline(
         parallelize_stage: called on every stage module before torch wraps it (tensor parallelism,
             activation checkpointing, FSDP: torch's stages treat an FSDP root module specially).
     """
+    stage_metadata_types()  # a torch without them fails here, before any stage exists
     pipeline = require_pipeline(plan)
     ties = check_ownership(model, plan)
     pp_size, pp_rank = pp_mesh.size(), pp_mesh.get_local_rank()

@@ -39,7 +39,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from lightning_mp._compat import StageMeta, TensorMeta, give_stage_metadata, stage_metadata
+from lightning_mp._compat import give_stage_metadata, stage_metadata, stage_metadata_types
 
 
 class NotDerivable(Exception):
@@ -57,6 +57,7 @@ def contiguous_stride(shape: Sequence[int]) -> tuple[int, ...]:
 def _follow(meta: Any, old: tuple[int, ...], new: tuple[int, ...], what: str) -> Any:
     if meta is None:
         return None
+    _, TensorMeta = stage_metadata_types()
     if type(meta) is not TensorMeta:  # DTensor metadata carries global shapes and placements
         raise NotDerivable(f"{what} is a {type(meta).__name__}")
     shape = tuple(meta.shape)
@@ -108,6 +109,7 @@ def derived_metadata(stage: Any, old: tuple[int, ...], new: tuple[int, ...],
         # What torch derives itself for plain outputs; for DTensor outputs it would otherwise infer them, running the
         # stage again (and comparing what it infers with the metadata given here).
         output_grads = tuple(None if m is None else replace(m, requires_grad=False) for m in outputs)
+    StageMeta, _ = stage_metadata_types()
     return StageMeta(
         inputs=_follow_all(meta.inputs, *received, f"{name} input"),
         outputs=outputs,
@@ -128,5 +130,6 @@ def follow_input_shape(stages: Sequence[Any], old: tuple[int, ...], new: tuple[i
 
 def forget_given_shapes(stages: Sequence[Any]) -> None:
     """Let torch infer again (its dynamic mode) at the next initialization."""
+    StageMeta, _ = stage_metadata_types()
     for stage in stages:
         give_stage_metadata(stage, StageMeta())
