@@ -133,6 +133,7 @@ def worker(name: str, out: str, steps: int) -> None:
 
     from lightning_mp import ModelParallelStrategy
     from lightning_mp.planner.measure import SavedActivationBytes, _plain
+    from workload import gather_per_rank
 
     t, switches = LAYOUTS[name]
     vocab = MODEL["vocab"]
@@ -201,11 +202,7 @@ def worker(name: str, out: str, steps: int) -> None:
     mine = {"activations": measured.peak, "logits": measured.logits_peak, "held": measured.held_between_steps,
             "per_layer": measured.layer_bytes[-1], "step_s": statistics.median(measured.times[1:] or measured.times),
             "max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
-    ranks = [None] * trainer.world_size
-    if trainer.world_size > 1:
-        torch.distributed.all_gather_object(ranks, mine)
-    else:
-        ranks = [mine]
+    ranks = gather_per_rank(trainer, mine)
     if trainer.is_global_zero:
         Path(out).write_text(json.dumps(ranks))
 

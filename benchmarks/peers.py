@@ -92,7 +92,7 @@ def worker(args: argparse.Namespace) -> None:
     from lightning_mp.parallel.compile import compile_counts
     from lightning_mp.planner.measure import local_state_bytes
     from lightning_mp.processes.launch import destroy_process_group_at_exit
-    from workload import hand_written_plan, lightning_module, model_flops_per_token, synthetic_rows
+    from workload import gather_per_rank, hand_written_plan, lightning_module, model_flops_per_token, synthetic_rows
 
     # Every peer's job ends with a collective (the all_gather_object below); on gloo that can abort the process
     # at interpreter shutdown (see lightning_mp.processes). Our strategy registers this hook itself; the peers
@@ -161,10 +161,7 @@ def worker(args: argparse.Namespace) -> None:
     measured = {**local, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                 "peak_device": (torch.cuda.max_memory_allocated(trainer.strategy.root_device)
                                 if trainer.strategy.root_device.type == "cuda" else 0)}
-    per_rank = [measured]
-    if torch.distributed.is_initialized():
-        per_rank = [None] * trainer.world_size
-        torch.distributed.all_gather_object(per_rank, measured)
+    per_rank = gather_per_rank(trainer, measured)
     if trainer.is_global_zero:
         warm = timer.times[args.warmup:]
         device_name = torch.cuda.get_device_name() if trainer.strategy.root_device.type == "cuda" else "cpu"

@@ -101,6 +101,7 @@ def worker(name: str, out: str, family: str = "bert") -> None:
 
     from lightning_mp import ModelParallelStrategy
     from lightning_mp.planner.measure import SavedActivationBytes, local_state_bytes
+    from workload import gather_per_rank
 
     devices, kwargs = LAYOUTS[name]
     if family == "bert":
@@ -149,11 +150,7 @@ def worker(name: str, out: str, family: str = "bert") -> None:
     mine = {"parameters": local["parameters"], "gradients": grads,
             "optimizer": local["optimizer"], "activations": saved.peak,
             "held_between_steps": saved.held_between_steps}
-    ranks = [None] * trainer.world_size
-    if trainer.world_size > 1:
-        torch.distributed.all_gather_object(ranks, mine)
-    else:
-        ranks = [mine]
+    ranks = gather_per_rank(trainer, mine)
     if trainer.is_global_zero:
         Path(out).write_text(json.dumps(ranks))
 

@@ -131,3 +131,14 @@ def peak_flops(device_name: str, precision: str) -> float | None:
     if not (precision.startswith("bf16") or precision.startswith("16")):
         return None
     return next((flops for chip, flops in PEAK_HALF_PRECISION_FLOPS.items() if chip in device_name), None)
+
+
+def gather_per_rank(trainer, mine: dict) -> list[dict]:
+    """Every rank's ``mine`` (a JSON-able dict), in rank order, on every rank; a one-process job's list of one."""
+    import torch
+
+    if trainer.world_size == 1:
+        return [mine]
+    ranks: list = [None] * trainer.world_size
+    torch.distributed.all_gather_object(ranks, mine)
+    return ranks
