@@ -65,6 +65,8 @@ def _variants(dp: int, tp: int, pp: int, local_batch: int, model: Shape, cluster
     if pp > 1:  # from one microbatch per stage to 8 (bubble against per-microbatch efficiency), whole sequences
         counts = [m for m in divisors(local_batch) if pp <= m <= 8 * pp] or [pp]
     modes = [("fully_sharded", 1)]
+    if dp > 1:  # every rank holds the whole model (DDP's trade): less traffic per step where it fits
+        modes.append(("replicated", 1))
     # Across nodes: shard inside a node, replicate across nodes (FSDP traffic stays on the fast links).
     shard = cluster.devices_per_node // (tp * pp) if cluster.devices_per_node % (tp * pp) == 0 else 0
     if cluster.num_nodes > 1 and 1 < shard < dp and dp % shard == 0:

@@ -8,17 +8,20 @@ inside a node (sequence parallelism: the same volume as all-gathers and reduce-s
 and, for a vocabulary-sharded head without loss parallelism, the all-gather of the logits (``s·b·V``;
 loss parallelism replaces it by three all-reduces of ``s·b`` numbers); pipeline parallelism sends activations and their gradients across each stage boundary;
 FSDP adds an all-gather in forward and backward and a reduce-scatter of every parameter shard, over the
-link the data-parallel group spans (hybrid: shard inside a node, all-reduce across nodes). Every
+link the data-parallel group spans (hybrid: shard inside a node, all-reduce across nodes); the replicated
+mode one bucketed all-reduce of the gradients (``data_parallel_time``). Every
 collective or send also pays a fixed latency (10 µs in a node, 30 µs across nodes). Communication is not
 assumed to overlap compute. Tensor parallelism is kept inside a node.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import astuple, dataclass, replace
 from typing import Any
 
 from lightning_mp.config import stages_per_rank
+from lightning_mp.parallel.replicate import BUCKET_BYTES, FIRST_BUCKET_BYTES
 from lightning_mp.planner.inputs import BYTES, PARAM_BYTES, Cluster, Layout
 from lightning_mp.planner.memory import fullest_state_bytes, stage_parts
 
@@ -81,18 +84,32 @@ def step_time(model: Any, layout: Layout, cluster: Cluster, global_batch: int, s
                          else (cluster.intra_node_gbps, LATENCY_INTRA_S))
         volume = 2 * stages_here * local_batch * seq * model.hidden * element / layout.tensor
         pipeline_comm = volume / (link * 1e9) + 2 * stages_here * layout.microbatches * latency
-    data_comm = 0.0
-    if layout.data > 1:
-        unsharded = max(r["parameters"] for r in fullest_state_bytes(model, replace(layout, mode="replicated"), precision))
-        gathered = unsharded * element // PARAM_BYTES[precision]  # gathered in the compute dtype
-        spans_nodes = layout.data * layout.tensor * layout.pipeline > cluster.devices_per_node
-        inter = spans_nodes and layout.mode != "hybrid"
-        link, latency = (cluster.inter_node_gbps, LATENCY_INTER_S) if inter else (cluster.intra_node_gbps, LATENCY_INTRA_S)
-        if layout.shard > 1:  # all-gather forward and backward, reduce-scatter of gradients, per block
-            data_comm += (3 * (layout.shard - 1) / layout.shard * gathered / (link * 1e9)
-                          + 3 * (layers_here + 1) * latency)
-        replicas = layout.data // max(layout.shard, 1)
-        if replicas > 1:  # all-reduce of each shard's gradients across replicas (across nodes)
-            data_comm += (2 * (replicas - 1) / replicas * gathered / layout.shard / (cluster.inter_node_gbps * 1e9)
-                          + (layers_here + 1) * LATENCY_INTER_S)
+    data_comm = data_parallel_time(model, layout, cluster, precision, layers_here) if layout.data > 1 else 0.0
     return StepTime(compute, bubble, tensor_comm, pipeline_comm, data_comm)
+
+
+def data_parallel_time(model: Any, layout: Layout, cluster: Cluster, precision: str, layers_here: int) -> float:
+    """Seconds of data-parallel traffic per step. Parameters are gathered in the compute dtype; gradients are
+    reduced in the dtype the parameters are stored in (fp32 under "-mixed": FSDP's ``reduce_dtype`` and the
+    replicated mode's plain gradients), so ``reduced`` is the stored parameter bytes.
+
+    - fully sharded / hybrid: per block, an all-gather in forward and in backward and a reduce-scatter of the
+      gradients over the shard group; hybrid adds an all-reduce of each shard across the replicas (across
+      nodes), once per block;
+    - replicated (``parallel/replicate.py``): one all-reduce of all gradients, in buckets (the first 1 MiB, then
+      25 MiB), over the link the data-parallel group spans."""
+    reduced = max(r["parameters"] for r in fullest_state_bytes(model, replace(layout, mode="replicated"), precision))
+    gathered = reduced * BYTES[precision] // PARAM_BYTES[precision]
+    spans_nodes = layout.data * layout.tensor * layout.pipeline > cluster.devices_per_node
+    inter = spans_nodes and layout.mode != "hybrid"
+    link, latency = (cluster.inter_node_gbps, LATENCY_INTER_S) if inter else (cluster.intra_node_gbps, LATENCY_INTRA_S)
+    if layout.mode == "replicated":
+        buckets = 1 + math.ceil(max(0, reduced - FIRST_BUCKET_BYTES) / BUCKET_BYTES)
+        return 2 * (layout.data - 1) / layout.data * reduced / (link * 1e9) + buckets * latency
+    seconds = ((2 * gathered + reduced) * (layout.shard - 1) / layout.shard / (link * 1e9)
+               + 3 * (layers_here + 1) * latency)
+    replicas = layout.data // layout.shard
+    if replicas > 1:
+        seconds += (2 * (replicas - 1) / replicas * reduced / layout.shard / (cluster.inter_node_gbps * 1e9)
+                    + (layers_here + 1) * LATENCY_INTER_S)
+    return seconds
