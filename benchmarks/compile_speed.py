@@ -26,7 +26,8 @@ LAYOUTS = {
     # name: (devices, strategy arguments)
     "1dev": (1, {}),
     "dp2": (2, {"data_parallel_size": 2}),
-    # tp2 is not here: compile=True with tensor parallelism is refused (see lightning_mp/config.py).
+    # tp2 is not here: compile=True with tensor parallelism is refused (torch 2.13, pytorch#152954; see
+    # lightning_mp/parallel/compile.py).
     "pp2": (2, {"pipeline_parallel_size": 2, "data_parallel_size": 1}),
 }
 
