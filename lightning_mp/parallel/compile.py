@@ -22,7 +22,7 @@ Tensor parallelism is refused with compile (``config.py``). Tried with torch 2.1
   hook, sends its gradient past ``to_local``'s backward (a plain tensor reaches DTensor's redistribution).
 - unbacked sizes (``automatic_dynamic_shapes_mark_as="unbacked"``) avoid the recursion but break the graph
   inside attention (``q_length > 1``) and still compile once per width.
-- the lead for later: forward hooks that flatten each tensor-parallel linear's input to 2-D (before the
+- a lead for later: forward hooks that flatten each tensor-parallel linear's input to 2-D (before the
   style's hook) and unflatten its local output, plus a copy of the first block's input, traced with symbolic
   sizes and matched eager with one graph for every width; but the shape the pre-hook leaves for the post-hook
   is a side effect, which breaks the graph inside traced activation checkpointing (nothing compiled), and with
