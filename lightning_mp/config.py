@@ -169,13 +169,16 @@ class ParallelConfig:
                 f" {_suggest(world_size)}"
             )
         if self.compile and tp > 1:
-            # Measured with torch 2.13 (CPU, gloo): tracing the backward of tensor-parallel blocks recurses without
-            # end with dynamic shapes, and hands a plain tensor to DTensor's redistribution without them.
+            # Measured with torch 2.13 (CPU, gloo; README "Compiling blocks"): with symbolic sizes, tracing the backward
+            # of a tensor-parallel linear layer on 3-D input (the view DTensor's linear makes) never ends; with fixed
+            # sizes it works but compiles again for every new width, which padded batches have nearly every step.
             raise ValueError(
                 f"compile=True with tensor_parallel_size={tp} is not supported yet: torch {_torch_version()} fails to"
-                " compile blocks whose parameters are tensor-parallel DTensors (RecursionError while tracing their"
-                " backward). Use compile=False with tensor parallelism, or tensor_parallel_size=1 (compile works with"
-                " data parallelism and pipelines)."
+                " compile blocks whose parameters are tensor-parallel DTensors with dynamic shapes (RecursionError"
+                " while tracing the backward of a DTensor linear layer on (batch, sequence, hidden) input; upstream"
+                " https://github.com/pytorch/pytorch/issues/152954), and with fixed shapes each new batch width would"
+                " compile again. Use compile=False with tensor parallelism, or tensor_parallel_size=1 (compile works"
+                " with data parallelism and pipelines)."
             )
         replicate, shard = self._split_data_parallel(dp, world_size // devices_per_node)
         return MeshShape(pipeline=pp, data_replicate=replicate, data_shard=shard, tensor=tp)

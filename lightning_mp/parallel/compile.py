@@ -9,8 +9,24 @@ after activation checkpointing and before FSDP (torchtitan's order, where tensor
 - before FSDP, so FSDP's hooks, which all-gather and free the parameters, stay outside the graph: torch
   runs them eagerly around it (dynamo's ``skip_fsdp_hooks``), and the graph sees whole parameters.
 
-Tensor parallelism is refused with compile (``config.py``): with torch 2.13, tracing the backward of blocks
-whose parameters are tensor-parallel DTensors failed (a RecursionError with dynamic shapes).
+Tensor parallelism is refused with compile (``config.py``). Tried with torch 2.13 on CPU (README, "Compiling blocks"):
+
+- symbolic sizes (``dynamic=True``, or ``dynamic=None`` from the second width on, sequence dim only): tracing the
+  backward of a tensor-parallel ``nn.Linear`` on 3-D input never ends (RecursionError). DTensor's linear
+  flattens the input with a view; the C++ ``ViewBackward0`` takes ``max(size, 1)`` of a size whose symbol the
+  tracer never recorded, the result has the same expression, and its proxy then refers to itself
+  (pytorch#152954). Inductor fails as aot_eager does, and so does sequence parallelism; a raised recursion
+  limit only recurses deeper.
+- fixed sizes (``dynamic=False``, torchtitan's choice at its fixed sequence length) trace, but compile once
+  per new width; and the first block's input, a view made by ``DTensor.to_local`` in the embedding's output
+  hook, sends its gradient past ``to_local``'s backward (a plain tensor reaches DTensor's redistribution).
+- unbacked sizes (``automatic_dynamic_shapes_mark_as="unbacked"``) avoid the recursion but break the graph
+  inside attention (``q_length > 1``) and still compile once per width.
+- a lead for later: forward hooks that flatten each tensor-parallel linear's input to 2-D (before the
+  style's hook) and unflatten its local output, plus a copy of the first block's input, traced with symbolic
+  sizes and matched eager with one graph for every width; but the shape the pre-hook leaves for the post-hook
+  is a side effect, which breaks the graph inside traced activation checkpointing (nothing compiled), and with
+  ``skip_fwd_side_effects_in_bwd_under_checkpoint`` tracing then failed on a DeviceMesh saved for backward.
 
 ``Module.compile`` compiles in place: the block keeps its class and its parameter names, so checkpoints,
 optimizers and the pipeline split see the same model as without compile.
@@ -39,7 +55,7 @@ from torch import nn
 from lightning_mp._compat import dynamo_counters
 from lightning_mp.parallel.activation_checkpointing import train_without_cache
 
-# One graph serves every width (see the module docstring); measured in benchmarks/compile_speed.py.
+# One graph serves every width (see the module docstring); measured in benchmarks/peers.py (the "ours+compile" rows).
 DYNAMIC_SHAPES = True
 
 

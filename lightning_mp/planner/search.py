@@ -41,7 +41,8 @@ def candidates(model: Shape, cluster: Cluster, global_batch: int, seq: int,
         if tp > cluster.devices_per_node:
             reason = f"tensor parallelism over {tp} devices would cross nodes ({cluster.devices_per_node} per node)"
         elif compile and tp > 1:
-            reason = f"compile=True is not supported with tensor parallelism (tp={tp}); only tp=1 layouts compile"
+            reason = (f"compile=True is not supported with tensor parallelism (tp={tp}; torch cannot trace it with dynamic"
+                      " shapes, pytorch#152954); only tp=1 layouts compile")
         elif model.tensor_parallel_problem(tp):
             reason = model.tensor_parallel_problem(tp)
         elif too_few_blocks(pp, model.layers):
