@@ -122,14 +122,36 @@ def run_probe(case: Case, precision: str, args: argparse.Namespace, out: Path) -
            "--kwargs", json.dumps(case.kwargs), "--out", str(out), "--steps", str(args.probe_steps),
            "--batch", str(args.batch), "--seq", str(args.seq), "--hidden", str(args.hidden),
            "--layers", str(args.layers), "--accelerator", args.accelerator]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    if proc.returncode != 0 or not out.exists():
-        raise RuntimeError(f"probe {case.name} {precision} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    for attempt in (1, 2):
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        if proc.returncode == 0 and out.exists():
+            break
+        print(f"probe {case.name} {precision} failed (attempt {attempt}, {proc.returncode}):\n{proc.stderr[-3000:]}",
+              flush=True)
+    else:
+        raise RuntimeError(f"probe {case.name} {precision} failed twice")
     import torch
 
     result = torch.load(out)
     out.unlink()
     return result
+
+
+def run_with_retry(c: Case, precision: str, args: argparse.Namespace, shared: list[str], failures: list) -> dict:
+    """One timed job through peers.py's worker; a failed job (e.g. ended by the strategy's progress watch after
+    a hang) is recorded with its output and run once more."""
+    out = Path(args.json).with_suffix(f".{c.layout.replace(' ', '_')}.{c.name}.tmp")
+    os.environ["PL_TRAINER_PRECISION"] = precision  # read by the Trainer of peers.py's worker
+    try:
+        for attempt in (1, 2):
+            try:
+                return run_case(c, args, shared, out)
+            except RuntimeError as error:
+                failures.append({"case": c.name, "layout": c.layout, "attempt": attempt, "error": str(error)[-3000:]})
+                print(f"{c.layout} {c.name} failed (attempt {attempt}):\n{str(error)[-1500:]}", flush=True)
+        raise RuntimeError(f"{c.layout} {c.name} failed twice; see the failures above")
+    finally:
+        del os.environ["PL_TRAINER_PRECISION"]
 
 
 def relative_error(grads, reference) -> float:
@@ -201,18 +223,14 @@ def main() -> None:
     if probe:
         print_probe(probe)
     runs: dict[Case, list[dict]] = {c: [] for c, _ in pairs}
+    failures: list[dict] = []
     for round_index in range(args.repeats):
         for c, precision in pairs:
-            out = Path(args.json).with_suffix(f".{c.layout.replace(' ', '_')}.{c.name}.tmp")
-            os.environ["PL_TRAINER_PRECISION"] = precision  # read by the Trainer of peers.py's worker
-            try:
-                runs[c].append(run_case(c, args, shared, out))
-            finally:
-                del os.environ["PL_TRAINER_PRECISION"]
+            runs[c].append(run_with_retry(c, precision, args, shared, failures))
         rows = summarize([c for c, _ in pairs], runs)
         Path(args.json).write_text(json.dumps({"settings": settings, "rounds": round_index + 1,
                                               "cases": [asdict(c) for c, _ in pairs], "rows": rows,
-                                              "probe": probe}, indent=2))
+                                              "probe": probe, "failures": failures}, indent=2))
         print(f"round {round_index + 1}/{args.repeats} done after {time.perf_counter() - started:.0f} s", flush=True)
     print("\n'ours' is the default setting of each layout; ratios are to it, round by round.")
     print_table(rows)

@@ -4,6 +4,8 @@ single-process run. What each setting costs or saves is measured by benchmarks/f
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -29,6 +31,18 @@ def test_bad_settings_fail_in_the_constructor(settings, message):
     with pytest.raises(ValueError, match=r"fsdp_settings \{'forward_prefetch': 1\} apply to FSDP2, which"
                                          r" data_parallel_mode='replicated' does not use"):
         ModelParallelStrategy(data_parallel_mode="replicated", fsdp_settings={"forward_prefetch": 1})
+
+
+def test_recipe_defaults_are_the_strategy_defaults_and_overrides_reach_it():
+    from omegaconf import OmegaConf
+
+    from lightning_mp.tasks.common import parallel_kwargs
+
+    parallel = OmegaConf.load(Path(__file__).parent.parent / "conf" / "parallel" / "default.yaml")
+    assert FSDPSettings.of(parallel_kwargs(OmegaConf.create({"parallel": parallel}))["fsdp_settings"]) == FSDPSettings()
+    parallel.fsdp.backward_prefetch = 2  # parallel.fsdp.backward_prefetch=2 on the command line
+    strategy = ModelParallelStrategy(**parallel_kwargs(OmegaConf.create({"parallel": parallel})))
+    assert strategy.parallel_config.fsdp_settings == FSDPSettings(backward_prefetch=2)
 
 
 def test_reduce_dtype_follows_the_precision_unless_set():
