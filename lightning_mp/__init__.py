@@ -3,7 +3,7 @@
 from lightning.pytorch.strategies import StrategyRegistry
 
 from lightning_mp.checkpoint.pretrained import from_pretrained
-from lightning_mp.config import ParallelConfig
+from lightning_mp.config import FSDPSettings, ParallelConfig
 from lightning_mp.plans import ModelPlan, register_plan
 from lightning_mp.strategy import ModelParallelStrategy
 
@@ -11,4 +11,4 @@ from lightning_mp.strategy import ModelParallelStrategy
 # package registers ours: Trainer(strategy="lightning_mp") works after `import lightning_mp`.
 ModelParallelStrategy.register_strategies(StrategyRegistry)
 
-__all__ = ["ModelParallelStrategy", "ModelPlan", "ParallelConfig", "from_pretrained", "register_plan"]
+__all__ = ["FSDPSettings", "ModelParallelStrategy", "ModelPlan", "ParallelConfig", "from_pretrained", "register_plan"]

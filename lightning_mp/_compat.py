@@ -183,3 +183,17 @@ def give_stage_metadata(stage: Any, meta: Any) -> None:
     if not hasattr(stage, "_user_meta"):
         raise _missing("PipelineStage._user_meta", "torch.distributed.pipelining.stage")
     stage._user_meta = meta
+
+
+# ---------------------------------------------------------------- FSDP2 (reading back a unit's configuration)
+def fsdp_unit_settings(module: Any) -> dict[str, Any]:
+    """What an FSDP2 unit was configured with, which FSDP2 has no public getter for: the modules it prefetches
+    in forward and in backward (explicitly set; empty: FSDP2's implicit order) and its reduction dtype."""
+    try:
+        state = module._get_fsdp_state()
+        return {"forward_prefetch": [s._modules[0] for s in state._states_to_forward_prefetch],
+                "backward_prefetch": [s._modules[0] for s in state._states_to_backward_prefetch],
+                "reduce_dtype": state._fsdp_param_group.mp_policy.reduce_dtype}
+    except AttributeError as error:
+        raise _missing("FSDPState._states_to_{forward,backward}_prefetch / _fsdp_param_group.mp_policy",
+                       "torch.distributed.fsdp._fully_shard") from error

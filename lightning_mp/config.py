@@ -7,7 +7,7 @@ or any process group exists, so a bad combination fails at once with the numbers
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields
 from datetime import timedelta
 from typing import Literal, Optional, Union
 
@@ -16,6 +16,8 @@ PIPELINE_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "interleaved_zero_bub
 # Schedules that hold more than one stage per rank ("virtual" stages).
 MULTI_STAGE_SCHEDULES = ("interleaved_1f1b", "interleaved_zero_bubble", "zbv_zero_bubble")
 CHECKPOINT_MODES = ("full", "selective")  # activation checkpointing, see parallel/activation_checkpointing.py
+RESHARD_AFTER_FORWARD = ("except_last", "all", "none")  # FSDPSettings.reshard_after_forward
+REDUCE_DTYPES = ("float32", "bfloat16", "float16")  # FSDPSettings.reduce_dtype
 
 Size = Union[int, Literal["auto"]]
 
@@ -78,6 +80,60 @@ def too_few_blocks(num_stages: int, num_blocks: int, per_rank: int = 1) -> str |
 
 
 @dataclass(frozen=True)
+class FSDPSettings:
+    """How the sharded data-parallel modes (fully_sharded, hybrid) run FSDP2 (``parallel/fsdp.py``). The
+    defaults are the measured choice (``benchmarks/fsdp_settings.py``, README "FSDP2 settings"); the others
+    exist to measure them and for hardware where they may pay.
+
+    reshard_after_forward: which blocks free their gathered parameters after forward. "except_last" (default):
+        the last block's are the first that backward needs, so keeping them saves one all-gather per step for
+        one block's memory; "all"; "none": no all-gather in backward at all, every block's parameters held
+        from forward to backward (ZeRO-2-like: only gradients and optimizer state stay sharded).
+    forward_prefetch / backward_prefetch: how many blocks ahead each block issues all-gathers for, explicitly
+        (``set_modules_to_forward_prefetch`` / ``set_modules_to_backward_prefetch``). 0 (default) leaves
+        FSDP2's implicit order: no forward prefetch (on GPUs the CPU running ahead overlaps the next
+        all-gather anyway), and in backward the next block in reverse forward order.
+    reduce_dtype: the dtype gradients are reduced in; None (default): float32 under "-mixed" precisions (a sum
+        over many ranks keeps its precision), the parameter dtype under "-true" ones.
+    """
+
+    reshard_after_forward: str = "except_last"
+    forward_prefetch: int = 0
+    backward_prefetch: int = 0
+    reduce_dtype: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.reshard_after_forward not in RESHARD_AFTER_FORWARD:
+            raise ValueError(f"fsdp_settings: reshard_after_forward={self.reshard_after_forward!r} is not one of"
+                             f" {', '.join(map(repr, RESHARD_AFTER_FORWARD))}.")
+        for name in ("forward_prefetch", "backward_prefetch"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"fsdp_settings: {name} must be an int >= 0 (blocks to prefetch; 0: FSDP2's"
+                                 f" implicit order), got {value!r}.")
+        if self.reduce_dtype is not None and self.reduce_dtype not in REDUCE_DTYPES:
+            raise ValueError(f"fsdp_settings: reduce_dtype={self.reduce_dtype!r} is not one of None (follow the"
+                             f" precision), {', '.join(map(repr, REDUCE_DTYPES))}.")
+
+    @classmethod
+    def of(cls, value: "FSDPSettings | dict | None") -> "FSDPSettings":
+        """An FSDPSettings from itself, a dict of its fields (recipes, JSON) or None (the defaults)."""
+        if value is None or isinstance(value, FSDPSettings):
+            return value or cls()
+        if not isinstance(value, dict):
+            raise TypeError(f"fsdp_settings must be an FSDPSettings, a dict or None, got {type(value).__name__}.")
+        unknown = sorted(set(value) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"fsdp_settings: unknown setting(s) {', '.join(unknown)}; valid:"
+                             f" {', '.join(f.name for f in fields(cls))}.")
+        return cls(**value)
+
+    def changed(self) -> dict:
+        """The settings that differ from the defaults."""
+        return {k: v for k, v in asdict(self).items() if v != getattr(FSDPSettings(), k)}
+
+
+@dataclass(frozen=True)
 class MeshShape:
     """The resolved size of every mesh dimension; their product is the world size."""
 
@@ -110,8 +166,10 @@ class ParallelConfig:
     loss_parallel: bool = False  # cross-entropy on vocabulary-sharded logits (parallel/loss_parallel.py)
     sequence_parallel: bool = False  # norms and residual stream on sequence shards between tensor-parallel regions
     compile: bool = False  # torch.compile each block (parallel/compile.py)
+    fsdp_settings: FSDPSettings = field(default_factory=FSDPSettings)  # a dict is accepted too
 
     def __post_init__(self) -> None:
+        self.fsdp_settings = FSDPSettings.of(self.fsdp_settings)
         self._check_static()
 
     def _check_static(self) -> None:
@@ -135,6 +193,12 @@ class ParallelConfig:
             raise ValueError(
                 f"data_parallel_replicate_size={self.data_parallel_replicate_size} only applies to"
                 f" data_parallel_mode='hybrid', but the mode is {self.data_parallel_mode!r}."
+            )
+        if self.data_parallel_mode == "replicated" and self.fsdp_settings.changed():
+            raise ValueError(
+                f"fsdp_settings {self.fsdp_settings.changed()} apply to FSDP2, which data_parallel_mode='replicated'"
+                " does not use (it all-reduces gradients in their own dtype); use 'fully_sharded' or 'hybrid', or"
+                " drop them."
             )
         stages_per_rank(self.pipeline_schedule)
         checkpoint_mode(self.activation_checkpointing)

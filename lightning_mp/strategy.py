@@ -35,7 +35,7 @@ from lightning_mp.checkpoint.hooks import CheckpointHooks
 from lightning_mp.parallel.step_hooks import StepHooks
 from lightning_mp.checkpoint.pretrained import load_pending, meta_outside, pending_sources
 from lightning_mp.checkpoint.tied import tied_names
-from lightning_mp.config import MeshShape, ParallelConfig, check_precision, progress_timeout_seconds
+from lightning_mp.config import FSDPSettings, MeshShape, ParallelConfig, check_precision, progress_timeout_seconds
 from lightning_mp.processes.watch import FailureWatch
 from lightning_mp.parallel.token_weighting import TokenWeighting
 from lightning_mp.mesh import PIPELINE, build_device_mesh, host_group
@@ -95,6 +95,8 @@ class ModelParallelStrategy(CheckpointHooks, StepHooks, ParallelStrategy):
             activation checkpointing, before FSDP; one graph serves every sequence length (dynamic shapes) and
             every block of one class. Needs a plan that names the blocks; not yet with tensor parallelism. See
             ``parallel/compile.py``.
+        fsdp_settings: an :class:`~lightning_mp.config.FSDPSettings` (or a dict of its fields): which blocks reshard
+            after forward, explicit prefetch depths, the gradient reduction dtype; the defaults are the measured choice.
     """
 
     strategy_name = "lightning_mp"
@@ -140,6 +142,7 @@ class ModelParallelStrategy(CheckpointHooks, StepHooks, ParallelStrategy):
         loss_parallel: bool = False,
         sequence_parallel: bool = False,
         compile: bool = False,
+        fsdp_settings: Union[FSDPSettings, dict, None] = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -160,6 +163,7 @@ class ModelParallelStrategy(CheckpointHooks, StepHooks, ParallelStrategy):
             loss_parallel=loss_parallel,
             sequence_parallel=sequence_parallel,
             compile=compile,
+            fsdp_settings=FSDPSettings.of(fsdp_settings),
         )
         self._split_points = list(pipeline_split_points) if pipeline_split_points is not None else None
         if isinstance(plan, dict):
@@ -261,7 +265,8 @@ class ModelParallelStrategy(CheckpointHooks, StepHooks, ParallelStrategy):
         assert self._auto is not None
         accelerator = self.root_device.type if self.parallel_devices else "auto"
         chosen = self._auto.choose_for(model, self.num_processes, self.num_nodes, self._precision, accelerator)
-        self.parallel_config = ParallelConfig(**chosen.layout.strategy_kwargs(), compile=self.parallel_config.compile)
+        self.parallel_config = ParallelConfig(**chosen.layout.strategy_kwargs(), compile=self.parallel_config.compile,
+                                              fsdp_settings=self.parallel_config.fsdp_settings)
         self._layout_chosen = True
         rank_zero_info(f"layout='auto': {chosen.summary()}")
 

@@ -141,7 +141,7 @@ def parallelize(module: nn.Module, planned: Optional[PlannedModel], mesh: Device
                 config: ParallelConfig, precision: str, device: torch.device,
                 split_points: Optional[Sequence[int]] = None) -> Optional[PipelineRuntime]:
     """Parallelize ``module`` in place; returns the pipeline runtime when the model was split into stages."""
-    policy = mixed_precision_policy(precision)
+    policy = mixed_precision_policy(precision, config.fsdp_settings.reduce_dtype)
     # Nothing sharded (replicate × shard with shard size 1): FSDP would only copy parameters in and out.
     replicated = data_mesh_size > 1 and mesh[DATA_SHARD].size() == 1
     dp_mesh = fsdp_mesh(mesh) if data_mesh_size > 1 and not replicated else None
@@ -178,7 +178,7 @@ def _apply_axes(root: nn.Module, model: Optional[nn.Module], blocks: list[nn.Mod
     if config.compile:
         apply_compile(blocks, owner)
     if dp_mesh is not None:
-        apply_fsdp(root, model, blocks, dp_mesh, policy)
+        apply_fsdp(root, model, blocks, dp_mesh, policy, config.fsdp_settings)
 
 
 def _parallelize_pipeline(module: nn.Module, planned: PlannedModel, mesh: DeviceMesh, dp_mesh: Optional[DeviceMesh],

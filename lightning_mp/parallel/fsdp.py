@@ -3,7 +3,8 @@
 One FSDP unit per block, then the model root, so each block's parameters are all-gathered just in
 time and freed after use. The same call covers the three data-parallel modes: the mesh decides
 (1-D shard mesh: fully sharded; 2-D replicate × shard mesh: hybrid, or pure replication when the
-shard dimension has size 1).
+shard dimension has size 1). ``FSDPSettings`` (config.py) tunes resharding, prefetch and the reduction
+dtype; its defaults are what ``benchmarks/fsdp_settings.py`` measured.
 """
 
 from __future__ import annotations
@@ -15,15 +16,20 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-from lightning_mp.config import PRECISIONS
+from lightning_mp.config import PRECISIONS, FSDPSettings
 
-def mixed_precision_policy(precision: str) -> MixedPrecisionPolicy:
+
+def mixed_precision_policy(precision: str, reduce_dtype: str | None = None) -> MixedPrecisionPolicy:
     """Lightning precision -> FSDP2 policy. "-mixed": parameters are gathered in the compute dtype (half the
-    traffic) and gradients reduced in fp32, so that summing many shards does not lose precision."""
+    traffic) and gradients reduced in fp32, so that summing many shards does not lose precision; "-true":
+    everything in the parameter dtype. ``reduce_dtype`` (FSDPSettings) overrides the reduction's dtype."""
     dtype = PRECISIONS[precision].mixed_dtype
+    param_dtype = getattr(torch, dtype) if dtype is not None else None
+    if reduce_dtype is not None:
+        return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=getattr(torch, reduce_dtype))
     if dtype is None:
         return MixedPrecisionPolicy()
-    return MixedPrecisionPolicy(param_dtype=getattr(torch, dtype), reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
 
 
 def apply_fsdp(
@@ -32,6 +38,7 @@ def apply_fsdp(
     blocks: Iterable[nn.Module],
     mesh: DeviceMesh,
     policy: MixedPrecisionPolicy,
+    settings: FSDPSettings = FSDPSettings(),
 ) -> None:
     """Shard each block, then the planned model, then whatever in ``root`` still holds parameters."""
     loose = [name for name, _ in root.named_parameters(recurse=False)]
@@ -42,11 +49,30 @@ def apply_fsdp(
         )
     blocks = list(blocks)
     for index, block in enumerate(blocks):
-        # The last block's parameters are needed again first in backward: keep them gathered.
-        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=index < len(blocks) - 1)
+        fully_shard(block, mesh=mesh, mp_policy=policy,
+                    reshard_after_forward=reshards_after_forward(settings.reshard_after_forward, index, len(blocks)))
+    set_prefetch(blocks, settings.forward_prefetch, settings.backward_prefetch)
     if model is not None:
         fully_shard(model, mesh=mesh, mp_policy=policy)
     shard_unmanaged(root, mesh, policy)
+
+
+def reshards_after_forward(setting: str, index: int, num_blocks: int) -> bool:
+    """Whether block ``index`` frees its gathered parameters after forward. "except_last": the last block's
+    parameters are the first backward needs, so they stay gathered."""
+    return setting == "all" or (setting == "except_last" and index < num_blocks - 1)
+
+
+def set_prefetch(blocks: list[nn.Module], forward: int, backward: int) -> None:
+    """Explicit prefetch: each block issues the all-gathers of the next ``forward`` blocks (in backward: of the
+    ``backward`` blocks before it) once its own are done, instead of each block gathering on arrival. Blocks
+    with nobody left to prefetch keep FSDP2's implicit order (torch's FSDP2 example does the same)."""
+    for index, block in enumerate(blocks):
+        ahead, behind = blocks[index + 1:index + 1 + forward], blocks[max(0, index - backward):index][::-1]
+        if forward and ahead:
+            block.set_modules_to_forward_prefetch(ahead)
+        if backward and behind:
+            block.set_modules_to_backward_prefetch(behind)
 
 
 def shard_unmanaged(root: nn.Module, mesh: DeviceMesh, policy: MixedPrecisionPolicy) -> None:

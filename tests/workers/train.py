@@ -44,6 +44,36 @@ class RecordLoss(Callback):
             self.grad_norms.append(float(total_grad_norm([p for p in pl_module.parameters()])))
 
 
+class FSDPProbe(Callback):
+    """What FSDP2 was configured with: the parameters still gathered (not DTensors) when backward starts, and
+    each unit's explicit prefetch targets and reduction dtype (read back after training)."""
+
+    def __init__(self) -> None:
+        self.gathered_at_backward: list[list[str]] = []
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        from torch.distributed.tensor import DTensor
+
+        self.gathered_at_backward.append(
+            [name for name, p in pl_module.named_parameters() if not isinstance(p, DTensor)])
+
+    @staticmethod
+    def units(module) -> dict:
+        from torch.distributed.fsdp import FSDPModule
+
+        from lightning_mp._compat import fsdp_unit_settings
+
+        names = {id(m): name for name, m in module.named_modules()}
+        units = {}
+        for name, unit in module.named_modules():
+            if isinstance(unit, FSDPModule):
+                settings = fsdp_unit_settings(unit)
+                units[name] = {"forward_prefetch": [names[id(m)] for m in settings["forward_prefetch"]],
+                               "backward_prefetch": [names[id(m)] for m in settings["backward_prefetch"]],
+                               "reduce_dtype": str(settings["reduce_dtype"])}
+        return units
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
@@ -76,6 +106,8 @@ def main() -> None:
                         help="after training, record the class, placements and local shape of block 0's output")
     parser.add_argument("--probe-sent", action="store_true",
                         help="under a pipeline: the shapes of what the first stage received and sent in the last step")
+    parser.add_argument("--probe-fsdp", action="store_true",
+                        help="record the parameters gathered when backward starts and each FSDP unit's settings")
     parser.add_argument("--variable-width", action="store_true",
                         help="batches padded to their own longest row; only data-parallel rank 1's width changes")
     args = parser.parse_args()
@@ -113,6 +145,7 @@ def main() -> None:
     else:
         Module = partial(TinyBertModule, layers=args.layers)
     recorder = RecordLoss(grad_norms=args.grad_norms)
+    fsdp_probe = FSDPProbe()
     precision: dict = {"precision": args.precision}
     if args.precision == "16-mixed":  # the plugin a GPU run gets: fp16 autocast and a GradScaler
         from lightning.pytorch.plugins.precision import MixedPrecision
@@ -122,7 +155,8 @@ def main() -> None:
         accelerator="cpu", devices=args.devices, num_nodes=args.num_nodes, strategy=strategy,
         **precision, max_steps=args.steps, accumulate_grad_batches=args.accumulate,
         gradient_clip_val=args.clip, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=[recorder], num_sanity_val_steps=0,
+        enable_model_summary=False, callbacks=[recorder, *([fsdp_probe] if args.probe_fsdp else [])],
+        num_sanity_val_steps=0,
     )
     module = Module()
     single = args.strategy == "none"
@@ -158,6 +192,9 @@ def main() -> None:
             result["logits"] = describe(logits)
         if args.probe_hidden:
             result["hidden"] = describe(seen[0][0] if isinstance(seen[0], tuple) else seen[0])
+    if args.probe_fsdp:
+        result["gathered_at_backward"] = fsdp_probe.gathered_at_backward
+        result["fsdp_units"] = FSDPProbe.units(module)
     if args.probe_sent:  # rank 0 holds the first stage (and tensor rank 0's shard)
         from lightning_mp._compat import stage_metadata
 
