@@ -5,16 +5,14 @@ against the current default in the same round.
     python benchmarks/fsdp_settings.py --devices 4         # dp4
     python benchmarks/fsdp_settings.py --repeats 1 --skip-probe
 
-Same model, data and timing as ``benchmarks/peers.py`` (BERT token classifier, hidden 256, 4 layers, global
-batch 16 × 64, AdamW): the step times come from peers.py's own worker (its ``Case``/``run_case``/``summarize``;
+Same model, data and timing as ``benchmarks/peers.py`` (its default ``bert-small`` workload of
+benchmarks/workload.py: BERT token classifier, hidden 256, 4 layers, global batch 16 × 64, AdamW): the step times come from peers.py's own worker (its ``Case``/``run_case``/``summarize``;
 a case's ``kwargs`` reach our strategy unchanged), so both tables measure the same thing. Rows:
 
   (a) reshard_after_forward "all" (the last block resharded too) against the default "except_last";
   (b) "none": every block keeps its gathered parameters from forward to backward (ZeRO-2-like);
   (c) explicit forward prefetch 1 and 2, backward prefetch 1 and 2, against FSDP2's implicit order;
-  (d) under precision "bf16-mixed": reduce_dtype "bfloat16" against the default float32 reduction
-      (the worker's Trainer reads its precision from ``PL_TRAINER_PRECISION``, Lightning's documented
-      environment defaults, since peers.py's worker takes no precision argument).
+  (d) under precision "bf16-mixed": reduce_dtype "bfloat16" against the default float32 reduction.
 
 A second, short job per setting (the probe, this script's own worker) measures what timing cannot: the bytes
 of parameters still gathered when backward starts (non-DTensor parameters of the FSDP units, i.e. what
@@ -39,6 +37,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from peers import RESULTS, Case, print_table, run_case, summarize  # noqa: E402
 
+MODEL = "bert-small"  # a preset of benchmarks/workload.py
 BF16 = "bf16-mixed"
 SETTINGS = {  # row label -> fsdp_settings; "ours" is the default (the ratios' denominator)
     "ours": {},
@@ -70,24 +69,11 @@ def probe_worker(args: argparse.Namespace) -> None:
     from lightning.pytorch.callbacks import Callback
     from torch.distributed.tensor import DTensor
     from torch.utils.data import DataLoader
-    from transformers import BertConfig, BertForTokenClassification
 
     from lightning_mp import ModelParallelStrategy
+    from workload import lightning_module, synthetic_rows
 
-    config = BertConfig(vocab_size=8000, hidden_size=args.hidden, num_hidden_layers=args.layers,
-                        num_attention_heads=8, intermediate_size=4 * args.hidden, num_labels=9)
-
-    class Module(L.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            torch.manual_seed(0)
-            self.model = BertForTokenClassification(config)
-
-        def training_step(self, batch, batch_idx):
-            return self.model(**batch).loss
-
-        def configure_optimizers(self):
-            return torch.optim.AdamW(self.parameters(), lr=1e-4)
+    Module = lightning_module(MODEL)
 
     class Probe(Callback):
         def __init__(self) -> None:
@@ -104,9 +90,7 @@ def probe_worker(args: argparse.Namespace) -> None:
                     name: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).float().cpu()
                     for name, p in pl_module.named_parameters() if p.grad is not None}
 
-    generator = torch.Generator().manual_seed(0)
-    rows = [{"input_ids": torch.randint(1, 8000, (args.seq,), generator=generator),
-             "labels": torch.randint(0, 9, (args.seq,), generator=generator)} for _ in range(args.steps * args.batch)]
+    rows = synthetic_rows(MODEL, args.steps * args.batch, args.seq)
     probe = Probe()
     trainer = L.Trainer(accelerator=args.accelerator, devices=args.devices, precision=args.precision,
                         strategy=ModelParallelStrategy(**json.loads(args.kwargs)), max_steps=args.steps,
@@ -120,8 +104,7 @@ def probe_worker(args: argparse.Namespace) -> None:
 def run_probe(case: Case, precision: str, args: argparse.Namespace, out: Path) -> dict:
     cmd = [sys.executable, __file__, "--probe-worker", "--devices", str(case.devices), "--precision", precision,
            "--kwargs", json.dumps(case.kwargs), "--out", str(out), "--steps", str(args.probe_steps),
-           "--batch", str(args.batch), "--seq", str(args.seq), "--hidden", str(args.hidden),
-           "--layers", str(args.layers), "--accelerator", args.accelerator]
+           "--batch", str(args.batch), "--seq", str(args.seq), "--accelerator", args.accelerator]
     for attempt in (1, 2):
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         if proc.returncode == 0 and out.exists():
@@ -141,17 +124,13 @@ def run_with_retry(c: Case, precision: str, args: argparse.Namespace, shared: li
     """One timed job through peers.py's worker; a failed job (e.g. ended by the strategy's progress watch after
     a hang) is recorded with its output and run once more."""
     out = Path(args.json).with_suffix(f".{c.layout.replace(' ', '_')}.{c.name}.tmp")
-    os.environ["PL_TRAINER_PRECISION"] = precision  # read by the Trainer of peers.py's worker
-    try:
-        for attempt in (1, 2):
-            try:
-                return run_case(c, args, shared, out)
-            except RuntimeError as error:
-                failures.append({"case": c.name, "layout": c.layout, "attempt": attempt, "error": str(error)[-3000:]})
-                print(f"{c.layout} {c.name} failed (attempt {attempt}):\n{str(error)[-1500:]}", flush=True)
-        raise RuntimeError(f"{c.layout} {c.name} failed twice; see the failures above")
-    finally:
-        del os.environ["PL_TRAINER_PRECISION"]
+    for attempt in (1, 2):
+        try:
+            return run_case(c, args, [*shared, "--precision", precision], out)
+        except RuntimeError as error:
+            failures.append({"case": c.name, "layout": c.layout, "attempt": attempt, "error": str(error)[-3000:]})
+            print(f"{c.layout} {c.name} failed (attempt {attempt}):\n{str(error)[-1500:]}", flush=True)
+    raise RuntimeError(f"{c.layout} {c.name} failed twice; see the failures above")
 
 
 def relative_error(grads, reference) -> float:
@@ -200,8 +179,8 @@ def main() -> None:
     parser.add_argument("--probe-steps", type=int, default=3)
     parser.add_argument("--batch", type=int, default=16, help="global batch (sequences)")
     parser.add_argument("--seq", type=int, default=64)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--case-timeout", type=float, default=0, help="seconds one job may take (default: no limit)")
+    parser.add_argument("--peak-tflops", type=float, default=0.0, help="for MFU on GPUs (see peers.py)")
     parser.add_argument("--skip-probe", action="store_true")
     parser.add_argument("--json", default=str(RESULTS / "fsdp_settings.json"))
     parser.add_argument("--probe-worker", action="store_true", help=argparse.SUPPRESS)
@@ -214,8 +193,7 @@ def main() -> None:
 
     pairs = cases(args.devices)
     shared = ["--accelerator", args.accelerator, "--steps", str(args.steps), "--warmup", str(args.warmup),
-              "--batch", str(args.batch), "--seq", str(args.seq), "--hidden", str(args.hidden),
-              "--layers", str(args.layers), "--profile", ""]
+              "--batch", str(args.batch), "--seq", str(args.seq), "--model", MODEL, "--profile", ""]
     settings = {k: v for k, v in vars(args).items() if k not in ("probe_worker", "precision", "kwargs", "out")}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()

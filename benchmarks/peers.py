@@ -167,6 +167,7 @@ def worker(args: argparse.Namespace) -> None:
         device_name = torch.cuda.get_device_name() if trainer.strategy.root_device.type == "cuda" else "cpu"
         Path(args.out).write_text(json.dumps({"median_step_s": statistics.median(warm), "per_rank": per_rank,
                                               "flops_per_token": flops_per_token, "device_name": device_name,
+                                              "precision": args.precision,
                                               "first_step_s": timer.times[0], "graphs": compile_counts()["graphs"]}))
 
 
@@ -184,7 +185,7 @@ def run_case(case: Case, args: argparse.Namespace, shared: list[str], out: Path)
     out.unlink()
     per_rank = measured["per_rank"]
     tokens_per_step = args.batch * args.seq
-    peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops(measured["device_name"], args.precision)
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops(measured["device_name"], measured["precision"])
     achieved = measured["flops_per_token"] * tokens_per_step / measured["median_step_s"]
     return {"step_s": measured["median_step_s"], "first_step_s": measured["first_step_s"], "graphs": measured["graphs"],
             "tokens_per_s": tokens_per_step / measured["median_step_s"] / case.devices,
