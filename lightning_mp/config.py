@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import asdict, dataclass, field, fields
 from datetime import timedelta
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 DATA_PARALLEL_MODES = ("fully_sharded", "hybrid", "replicated")
 PIPELINE_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "interleaved_zero_bubble", "zbv_zero_bubble")
@@ -361,3 +361,14 @@ def progress_timeout_seconds(progress_timeout: Union[float, timedelta, None, Lit
             f" collective would time out first, without saying where each rank is; use less than {group_s:g} s."
         )
     return float(seconds)
+
+
+# Names for Trainer(strategy=...) and LightningCLI (``trainer.strategy: lightning_mp``): only layouts that
+# need no numbers, since a name cannot carry them (pass init_args or an instance for anything else).
+STRATEGY_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    "lightning_mp": ("FSDP2 over all ranks (fully sharded), no tensor or pipeline parallelism", {}),
+    "lightning_mp_hybrid": ("FSDP2 within each node, replicated across nodes (HSDP)",
+                            {"data_parallel_mode": "hybrid", "data_parallel_replicate_size": "auto"}),
+    "lightning_mp_tensor_parallel": ("tensor parallel over the devices of a node, FSDP2 across nodes"
+                                     " (Lightning's ModelParallelStrategy default)", {"tensor_parallel_size": "auto"}),
+}

@@ -35,7 +35,8 @@ from lightning_mp.checkpoint.hooks import CheckpointHooks
 from lightning_mp.parallel.step_hooks import StepHooks
 from lightning_mp.checkpoint.pretrained import load_pending, meta_outside, pending_sources
 from lightning_mp.checkpoint.tied import tied_names
-from lightning_mp.config import FSDPSettings, MeshShape, ParallelConfig, check_precision, progress_timeout_seconds
+from lightning_mp.config import (STRATEGY_PRESETS, FSDPSettings, MeshShape, ParallelConfig, check_precision,
+                                 progress_timeout_seconds)
 from lightning_mp.processes.watch import FailureWatch
 from lightning_mp.parallel.token_weighting import TokenWeighting
 from lightning_mp.mesh import PIPELINE, build_device_mesh, host_group
@@ -100,15 +101,7 @@ class ModelParallelStrategy(CheckpointHooks, StepHooks, ParallelStrategy):
     """
 
     strategy_name = "lightning_mp"
-    # Names for Trainer(strategy=...) and LightningCLI (``trainer.strategy: lightning_mp``): only layouts that
-    # need no numbers, since a name cannot carry them (pass init_args or an instance for anything else).
-    PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
-        "lightning_mp": ("FSDP2 over all ranks (fully sharded), no tensor or pipeline parallelism", {}),
-        "lightning_mp_hybrid": ("FSDP2 within each node, replicated across nodes (HSDP)",
-                                {"data_parallel_mode": "hybrid", "data_parallel_replicate_size": "auto"}),
-        "lightning_mp_tensor_parallel": ("tensor parallel over the devices of a node, FSDP2 across nodes"
-                                         " (Lightning's ModelParallelStrategy default)", {"tensor_parallel_size": "auto"}),
-    }
+    PRESETS = STRATEGY_PRESETS  # Trainer(strategy="lightning_mp_hybrid") etc. (config.py)
 
     @classmethod
     def register_strategies(cls, strategy_registry: Any) -> None:
@@ -148,8 +141,9 @@ class ModelParallelStrategy(CheckpointHooks, StepHooks, ParallelStrategy):
         super().__init__(**kwargs)
         if layout not in ("manual", "auto"):
             raise ValueError(f"layout={layout!r}: use 'manual' (the degrees you pass) or 'auto' (the planner's).")
-        self._auto = (AutoLayout(global_batch_size, sequence_length, device_memory_gb, loss_parallel, compile)
-                      if layout == "auto" else None)
+        settings = FSDPSettings.of(fsdp_settings)  # the planner keeps FSDP when settings for it were given
+        self._auto = (AutoLayout(global_batch_size, sequence_length, device_memory_gb, loss_parallel, compile,
+                                 replicated=not settings.changed()) if layout == "auto" else None)
         self._layout_chosen = False
         self.parallel_config = ParallelConfig(
             data_parallel_size=data_parallel_size,
@@ -163,7 +157,7 @@ class ModelParallelStrategy(CheckpointHooks, StepHooks, ParallelStrategy):
             loss_parallel=loss_parallel,
             sequence_parallel=sequence_parallel,
             compile=compile,
-            fsdp_settings=FSDPSettings.of(fsdp_settings),
+            fsdp_settings=settings,
         )
         self._split_points = list(pipeline_split_points) if pipeline_split_points is not None else None
         if isinstance(plan, dict):

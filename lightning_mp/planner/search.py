@@ -27,10 +27,12 @@ class Candidate:
 
 
 def candidates(model: Shape, cluster: Cluster, global_batch: int, seq: int,
-               precision: str = "bf16-mixed", loss_parallel: bool = True, compile: bool = False) -> list[Candidate]:
+               precision: str = "bf16-mixed", loss_parallel: bool = True, compile: bool = False,
+               replicated: bool = True) -> list[Candidate]:
     """Every layout worth considering, each with its memory, time and (if any) why it is rejected.
     ``loss_parallel``: whether it may be used (it turns the model's ``.logits`` into a sharded DTensor);
-    ``compile``: the blocks will be compiled, which the strategy refuses with tensor parallelism."""
+    ``compile``: the blocks will be compiled, which the strategy refuses with tensor parallelism;
+    ``replicated``: whether the replicated data-parallel mode may be used (not with FSDP settings)."""
     limit = cluster.device_memory_gb * 2**30 * cluster.usable_fraction
     found = []
     for tp, pp in itertools.product(divisors(cluster.world_size), repeat=2):
@@ -49,7 +51,7 @@ def candidates(model: Shape, cluster: Cluster, global_batch: int, seq: int,
             reason = too_few_blocks(pp, model.layers)
         elif global_batch % dp:
             reason = f"global batch {global_batch} is not divisible by dp={dp}"
-        for layout in _variants(dp, tp, pp, max(1, global_batch // dp), model, cluster, loss_parallel):
+        for layout in _variants(dp, tp, pp, max(1, global_batch // dp), model, cluster, loss_parallel, replicated):
             mem = memory(model, layout, global_batch, seq, precision) if reason is None else Memory()
             time = step_time(model, layout, cluster, global_batch, seq, precision) if reason is None else StepTime()
             why = reason
@@ -61,12 +63,12 @@ def candidates(model: Shape, cluster: Cluster, global_batch: int, seq: int,
 
 
 def _variants(dp: int, tp: int, pp: int, local_batch: int, model: Shape, cluster: Cluster,
-              loss_parallel: bool = True) -> Iterable[Layout]:
+              loss_parallel: bool = True, replicated: bool = True) -> Iterable[Layout]:
     counts = [1]
     if pp > 1:  # from one microbatch per stage to 8 (bubble against per-microbatch efficiency), whole sequences
         counts = [m for m in divisors(local_batch) if pp <= m <= 8 * pp] or [pp]
     modes = [("fully_sharded", 1)]
-    if dp > 1:  # every rank holds the whole model (DDP's trade): less traffic per step where it fits
+    if dp > 1 and replicated:  # every rank holds the whole model (DDP's trade): less traffic per step where it fits
         modes.append(("replicated", 1))
     # Across nodes: shard inside a node, replicate across nodes (FSDP traffic stays on the fast links).
     shard = cluster.devices_per_node // (tp * pp) if cluster.devices_per_node % (tp * pp) == 0 else 0
@@ -85,11 +87,12 @@ def _variants(dp: int, tp: int, pp: int, local_batch: int, model: Shape, cluster
 
 
 def choose(model: Shape, cluster: Cluster, global_batch: int, seq: int, precision: str = "bf16-mixed",
-           loss_parallel: bool = True, compile: bool = False) -> tuple[Candidate, list[Candidate]]:
+           loss_parallel: bool = True, compile: bool = False,
+           replicated: bool = True) -> tuple[Candidate, list[Candidate]]:
     """The fastest layout that fits, and every candidate ranked (fitting ones first, by time)."""
     # Fitting layouts by estimated time; then those rejected for memory (closest to fitting first), which
     # say the most about the model; then structurally impossible ones.
-    ranked = sorted(candidates(model, cluster, global_batch, seq, precision, loss_parallel, compile),
+    ranked = sorted(candidates(model, cluster, global_batch, seq, precision, loss_parallel, compile, replicated),
                     key=lambda c: (c.rejected is not None, c.memory.total == 0,
                                    c.time.total if c.rejected is None else c.memory.total))
     fitting = [c for c in ranked if c.rejected is None]
@@ -129,6 +132,7 @@ class AutoLayout:
     device_memory_gb: Optional[float] = None
     loss_parallel: bool = False  # may the planner shard the logits (the model's ``.logits`` become a DTensor)
     compile: bool = False  # the blocks will be compiled: tensor-parallel layouts are refused by the strategy
+    replicated: bool = True  # may pick data_parallel_mode="replicated" (False when FSDP settings were given)
 
     def __post_init__(self) -> None:
         for name in ("global_batch_size", "sequence_length"):
@@ -155,5 +159,5 @@ class AutoLayout:
             )
         cluster = Cluster(devices_per_node, num_nodes, self.device_memory_gb or device_memory_gb(accelerator))
         best, _ = choose(shape_from_config(config), cluster, self.global_batch_size, self.sequence_length, precision,
-                         loss_parallel=self.loss_parallel, compile=self.compile)
+                         loss_parallel=self.loss_parallel, compile=self.compile, replicated=self.replicated)
         return best
