@@ -198,4 +198,4 @@ def test_memory_model_matches_real_llama_jobs():
             failures.append((row["layout"], "held between steps", measured["held_between_steps"]))
         if not (abs(row["activation_ratio"] - 1) < 0.01 and abs(row["peak_ratio"] - 1) < 0.01):
             failures.append((row["layout"], "ratios", row["activation_ratio"], row["peak_ratio"]))
-    assert failures == []
+    assert not failures, "layouts off the memory model:\n" + "\n".join(map(str, failures))
