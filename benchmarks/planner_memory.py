@@ -91,8 +91,19 @@ def predict(name: str, family: str = "bert") -> dict:
             "activations": max(activations), "peak": peak}
 
 
-# ---------------------------------------------------------------- measuring (one job per layout)
-def worker(name: str, out: str, family: str = "bert") -> None:
+# ---------------------------------------------------------------- measuring (one job per world size)
+def worker(names: list[str], out: str, family: str = "bert") -> None:
+    """Every layout of ``names`` (all of one world size) in turn, one Trainer each, in the same processes:
+    starting the ranks costs more than measuring a tiny model. Rank 0 writes {layout: per-rank bytes}."""
+    measured = {}
+    for name in names:
+        print(f"[planner_memory] {name}", file=sys.stderr, flush=True)  # which layout a failure belongs to
+        measured[name], global_zero = measure_in_this_process(name, family)
+    if global_zero:
+        Path(out).write_text(json.dumps(measured))
+
+
+def measure_in_this_process(name: str, family: str) -> tuple[list[dict], bool]:
     import lightning as L
     import torch
     from torch.distributed.tensor import DTensor
@@ -151,12 +162,13 @@ def worker(name: str, out: str, family: str = "bert") -> None:
             "optimizer": local["optimizer"], "activations": saved.peak,
             "held_between_steps": saved.held_between_steps}
     ranks = gather_per_rank(trainer, mine)
-    if trainer.is_global_zero:
-        Path(out).write_text(json.dumps(ranks))
+    return ranks, trainer.is_global_zero
 
 
-def measure(name: str, family: str = "bert") -> dict:
-    out = RESULTS / f".planner_memory.{family}.{name}.tmp"
+def measure(names: list[str], family: str = "bert") -> dict[str, dict]:
+    """One job for layouts of one world size: {layout: measured}."""
+    assert len({LAYOUTS[name][0] for name in names}) == 1, f"one world size per job: {names}"
+    out = RESULTS / f".planner_memory.{family}.{names[0]}.tmp"
     RESULTS.mkdir(exist_ok=True)
     # A clean launch: variables left by an earlier in-process Trainer would make the job think torchrun
     # started it as one rank of a bigger world, and wait for the others forever.
@@ -164,22 +176,30 @@ def measure(name: str, family: str = "bert") -> dict:
               "MASTER_PORT")
     env = {k: v for k, v in os.environ.items() if k not in launch}
     env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, __file__, "--worker", name, "--family", family, "--out", str(out)], capture_output=True,
-                          text=True, env=env, timeout=300)
+    proc = subprocess.run([sys.executable, __file__, "--worker", ",".join(names), "--family", family, "--out", str(out)],
+                          capture_output=True, text=True, env=env, timeout=300 * len(names))
     if proc.returncode != 0:
-        raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")
-    ranks = json.loads(out.read_text())
+        raise RuntimeError(f"{','.join(names)} failed:\n{proc.stderr[-3000:]}")
+    by_layout = json.loads(out.read_text())
     out.unlink()
-    return {"state_per_rank": [r["parameters"] + r["gradients"] + r["optimizer"] for r in ranks],
-            "activations": max(r["activations"] for r in ranks),
-            "held_between_steps": max(r["held_between_steps"] for r in ranks),
-            "peak": max(r["parameters"] + r["gradients"] + r["optimizer"] + r["activations"] for r in ranks)}
+    return {name: {"state_per_rank": [r["parameters"] + r["gradients"] + r["optimizer"] for r in ranks],
+                   "activations": max(r["activations"] for r in ranks),
+                   "held_between_steps": max(r["held_between_steps"] for r in ranks),
+                   "peak": max(r["parameters"] + r["gradients"] + r["optimizer"] + r["activations"] for r in ranks)}
+            for name, ranks in by_layout.items()}
 
 
 def compare(names: list[str], family: str = "bert") -> list[dict]:
+    """Rows in the order of ``names``; one job per world size among them."""
+    by_world: dict[int, list[str]] = {}
+    for name in names:
+        by_world.setdefault(LAYOUTS[name][0], []).append(name)
+    measured_all = {}
+    for group in by_world.values():
+        measured_all.update(measure(group, family))
     rows = []
     for name in names:
-        predicted, measured = predict(name, family), measure(name, family)
+        predicted, measured = predict(name, family), measured_all[name]
         rows.append({"layout": name, "predicted": predicted, "measured": measured,
                      "state_exact": sorted(predicted["state_per_rank"]) == sorted(measured["state_per_rank"]),
                      "activation_ratio": predicted["activations"] / measured["activations"],
@@ -195,7 +215,7 @@ def main() -> None:
     parser.add_argument("--layouts", nargs="*", default=None)
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker, args.out, args.family)
+        worker(args.worker.split(","), args.out, args.family)
         return
     rows = compare(args.layouts or list(LAYOUTS if args.family == "bert" else LLAMA_LAYOUTS), args.family)
     print(f"{'layout':18} {'state/rank KiB (pred=meas)':>28} {'act KiB pred':>12} {'meas':>8} {'ratio':>6}"

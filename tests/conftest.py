@@ -24,10 +24,12 @@ def clean_env() -> dict[str, str]:
 
 def run_worker(tmp_path: Path, *, devices: int = 1, layout: dict | None = None, strategy: str = "lightning_mp",
                extra: tuple[str, ...] = (), launcher: tuple[str, ...] = (), timeout: int = 300,
-               script: str = "train.py") -> dict:
+               script: str = "train.py", layouts: list[dict] | None = None) -> dict | list[dict]:
+    """What rank 0 wrote. With ``layouts`` (train.py): one launch trains under each in turn; a list of results."""
     out = tmp_path / f"result-{os.urandom(4).hex()}.pt"
+    choice = ("--layouts", json.dumps(layouts)) if layouts is not None else ("--layout", json.dumps(layout or {}))
     cmd = [*(launcher or (sys.executable,)), str(WORKERS / script), "--out", str(out), "--devices", str(devices),
-           "--strategy", strategy, "--layout", json.dumps(layout or {}), *extra]
+           "--strategy", strategy, *choice, *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=clean_env(), cwd=tmp_path)
     if proc.returncode != 0 or not out.exists():
         raise AssertionError(f"worker failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
@@ -49,6 +51,33 @@ def reference_runs(tmp_path_factory):
         if (script, *extra) not in cache:
             cache[(script, *extra)] = run_worker(base, strategy="none", extra=extra, script=script, timeout=600)
         return cache[(script, *extra)]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def shared_launches(tmp_path_factory):
+    """train.py under several layouts of one world size in one launch (``--layouts``), made when a test first
+    asks for it and shared by the tests that each check one of them: a launch costs about as much as the
+    tiny model's training. ``get(table, name, *extra)`` is ``name``'s result; ``table`` maps names to
+    (devices, layout), and its entries with ``name``'s device count share the launch."""
+    cache: dict[tuple, list[dict] | AssertionError] = {}
+    base = tmp_path_factory.mktemp("shared-launch")
+
+    def get(table: dict[str, tuple[int, dict]], name: str, *extra: str) -> dict:
+        devices = table[name][0]
+        group = [n for n, (d, _) in table.items() if d == devices]
+        layouts = [table[n][1] for n in group]
+        key = (devices, json.dumps(layouts, sort_keys=True), extra)
+        if key not in cache:
+            try:
+                cache[key] = run_worker(base, devices=devices, layouts=layouts, extra=extra,
+                                        timeout=300 * len(layouts))
+            except AssertionError as failure:  # one failed launch, reported to each test that shares it
+                cache[key] = failure
+        if isinstance(cache[key], AssertionError):
+            raise cache[key]
+        return cache[key][group.index(name)]
 
     return get
 

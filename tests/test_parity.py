@@ -26,10 +26,9 @@ LAYOUTS = {
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_layout_matches_single_process(name, tmp_path, reference_runs):
-    devices, layout = LAYOUTS[name]
+def test_layout_matches_single_process(name, reference_runs, shared_launches):
     reference = reference_runs()
-    result = run_worker(tmp_path, devices=devices, layout=layout)
+    result = shared_launches(LAYOUTS, name)  # the layouts of one world size train in one launch
     assert result["losses"] == pytest.approx(reference["losses"], abs=FP32_TOLERANCE)
     assert max_weight_difference(result["state_dict"], reference["state_dict"]) < FP32_TOLERANCE
     expected = ["model.bert.encoder.layer.0", "model.bert.encoder.layer.1"] if "activation" in name else []

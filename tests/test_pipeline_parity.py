@@ -42,34 +42,38 @@ def assert_matches(result: dict, reference: dict) -> None:
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_pipeline_layout_matches_single_process(name, tmp_path, reference_runs):
-    devices, layout = LAYOUTS[name]
+def test_pipeline_layout_matches_single_process(name, reference_runs, shared_launches):
     reference = reference_runs(*FOUR_LAYERS)
-    assert_matches(run_worker(tmp_path, devices=devices, layout=layout, extra=FOUR_LAYERS), reference)
+    assert_matches(shared_launches(LAYOUTS, name, *FOUR_LAYERS), reference)  # one launch per world size
 
 
-def test_pipeline_clipping_and_accumulation_match(tmp_path, reference_runs):
-    """Clipping by the global norm over pipeline, data and tensor shards, with 2 batches accumulated."""
-    extra = (*FOUR_LAYERS, "--clip", "0.05", "--accumulate", "2", "--steps", "2")
-    reference = reference_runs(*extra)
-    layout = {"pipeline_parallel_size": 2, "data_parallel_size": 2, "microbatches": 2}
-    assert_matches(run_worker(tmp_path, devices=4, layout=layout, extra=extra), reference)
-
-
-REPLICATED = {
-    # The stages' gradients are averaged once after the schedule (no FSDP inside the stages).
-    "1f1b_clipped_accumulated": (("--clip", "0.05", "--accumulate", "2", "--steps", "2"), {"microbatches": 2}),
-    # Zero-bubble: weight gradients computed apart from input gradients; batches of changing width, which
-    # without FSDP one rank may re-infer alone.
-    "zbv_changing_width": (("--variable-width",), {"pipeline_schedule": "zbv_zero_bubble", "microbatches": 2}),
+CLIPPED_ACCUMULATED = (*FOUR_LAYERS, "--clip", "0.05", "--accumulate", "2", "--steps", "2")
+# Both data-parallel modes under the same pipeline, clipped and accumulated alike: one launch for the two tests.
+PP2_DP2_CLIPPED = {
+    "fully_sharded": (4, {"pipeline_parallel_size": 2, "data_parallel_size": 2, "microbatches": 2}),
+    "replicated": (4, {"pipeline_parallel_size": 2, "data_parallel_size": 2, "data_parallel_mode": "replicated",
+                       "microbatches": 2}),
 }
 
 
-@pytest.mark.parametrize("name", list(REPLICATED))
-def test_pipeline_with_replicated_data_parallelism_matches(name, tmp_path, reference_runs):
-    extra, layout = REPLICATED[name]
-    extra = (*FOUR_LAYERS, *extra)
-    layout = {"pipeline_parallel_size": 2, "data_parallel_size": 2, "data_parallel_mode": "replicated", **layout}
+def test_pipeline_clipping_and_accumulation_match(reference_runs, shared_launches):
+    """Clipping by the global norm over pipeline, data and tensor shards, with 2 batches accumulated."""
+    reference = reference_runs(*CLIPPED_ACCUMULATED)
+    assert_matches(shared_launches(PP2_DP2_CLIPPED, "fully_sharded", *CLIPPED_ACCUMULATED), reference)
+
+
+def test_pipeline_with_replicated_data_parallelism_clipped_and_accumulated_matches(reference_runs, shared_launches):
+    """The stages' gradients are averaged once after the schedule (no FSDP inside the stages)."""
+    reference = reference_runs(*CLIPPED_ACCUMULATED)
+    assert_matches(shared_launches(PP2_DP2_CLIPPED, "replicated", *CLIPPED_ACCUMULATED), reference)
+
+
+def test_pipeline_with_replicated_data_parallelism_and_changing_width_matches(tmp_path, reference_runs):
+    """Zero-bubble: weight gradients computed apart from input gradients; batches of changing width, which
+    without FSDP one rank may re-infer alone."""
+    extra = (*FOUR_LAYERS, "--variable-width")
+    layout = {"pipeline_parallel_size": 2, "data_parallel_size": 2, "data_parallel_mode": "replicated",
+              "pipeline_schedule": "zbv_zero_bubble", "microbatches": 2}
     assert_matches(run_worker(tmp_path, devices=4, layout=layout, extra=extra), reference_runs(*extra))
 
 
@@ -86,18 +90,19 @@ def test_pipeline_with_activation_checkpointing_and_bf16(tmp_path, reference_run
 
 # Every schedule at pp2xdp2; at 8 ranks (about 95 s a run on 2 cores) one single-stage and one two-stage-per-rank
 # schedule: the shapes are derived per stage, and tensor parallelism only changes what runs inside a stage.
-CHANGING_WIDTH = [(schedule, 1) for schedule in SCHEDULES] + [("1f1b", 2), ("zbv_zero_bubble", 2)]
+# The schedules of one world size train in one launch (a Trainer each), shared by their tests.
+CHANGING_WIDTH = {f"{schedule}-pp2xdp2{'xtp2' if tensor == 2 else ''}": (
+    4 * tensor, {"pipeline_parallel_size": 2, "data_parallel_size": 2, "tensor_parallel_size": tensor,
+                 "pipeline_schedule": schedule, "microbatches": 4})
+    for schedule, tensor in [(schedule, 1) for schedule in SCHEDULES] + [("1f1b", 2), ("zbv_zero_bubble", 2)]}
 
 
-@pytest.mark.parametrize(("schedule", "tensor"), CHANGING_WIDTH,
-                         ids=[f"{s}-pp2xdp2{'xtp2' if t == 2 else ''}" for s, t in CHANGING_WIDTH])
-def test_batches_of_changing_width_match(schedule, tensor, tmp_path, reference_runs):
+@pytest.mark.parametrize("name", list(CHANGING_WIDTH))
+def test_batches_of_changing_width_match(name, reference_runs, shared_launches):
     """Each batch padded to its own longest row, and only data-parallel rank 1's width changes from step to
     step (and between two full validation batches, 38 rows): every rank of a stage must still run the same
     collectives. Before: torch re-inferred shapes with a real forward + backward on the changed rank alone
     (gloo size mismatch with 1F1B, a hang with GPipe), and in validation the re-initialized rank resharded its
     FSDP units and all-gathered the last block where its peer did not."""
     reference = reference_runs(*VARIABLE_WIDTH)
-    layout = {"pipeline_parallel_size": 2, "data_parallel_size": 2, "tensor_parallel_size": tensor,
-              "pipeline_schedule": schedule, "microbatches": 4}
-    assert_matches(run_worker(tmp_path, devices=4 * tensor, layout=layout, extra=VARIABLE_WIDTH), reference)
+    assert_matches(shared_launches(CHANGING_WIDTH, name, *VARIABLE_WIDTH), reference)

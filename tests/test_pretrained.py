@@ -178,7 +178,8 @@ CASES = {"dp2xtp2": ("base_sharded", {"num_labels": 3}), "pp2xdp2": ("token", {}
 
 
 def run_pretrained_worker(tmp_path: Path, model_dir: Path, layout: dict, kwargs: dict, *extra: str,
-                          devices: int = 4) -> list[dict]:
+                          devices: int = 4) -> list[dict] | tuple[list[dict], list[dict]]:
+    """Every rank's results; with ``--plain-too`` among ``extra``, (those, the same layout's plain run's)."""
     out = tmp_path / f"result-{len(list(tmp_path.iterdir()))}"
     cmd = [sys.executable, str(WORKERS / "pretrained.py"), "--out", str(out), "--model-dir", str(model_dir),
            "--devices", str(devices), "--layout", json.dumps(layout), "--kwargs", json.dumps(kwargs), *extra]
@@ -186,7 +187,10 @@ def run_pretrained_worker(tmp_path: Path, model_dir: Path, layout: dict, kwargs:
     if proc.returncode != 0:
         raise AssertionError(f"worker failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-3000:]}\n"
                              f"{proc.stderr[-6000:]}")
-    return [torch.load(f"{out}.rank{rank}.pt", weights_only=False) for rank in range(devices)]
+    results = [torch.load(f"{out}.rank{rank}.pt", weights_only=False) for rank in range(devices)]
+    if "--plain-too" not in extra:
+        return results
+    return results, [torch.load(f"{out}.plain.rank{rank}.pt", weights_only=False) for rank in range(devices)]
 
 
 def logits_by_row(results: list[dict]) -> torch.Tensor:
@@ -202,8 +206,9 @@ def test_sharded_loading_and_export_equal_from_pretrained(tmp_path, checkpoints,
     name, kwargs = CASES[layout]
     reference = plain("AutoModelForTokenClassification", checkpoints[name], **kwargs)
     export = tmp_path / "exported"
-    meta = run_pretrained_worker(tmp_path, checkpoints[name], LAYOUTS[layout], kwargs, "--export", str(export))
-    same_layout = run_pretrained_worker(tmp_path, checkpoints[name], LAYOUTS[layout], kwargs, "--plain")
+    # One launch: lightning_mp.from_pretrained, then the class's own from_pretrained under the same layout.
+    meta, same_layout = run_pretrained_worker(tmp_path, checkpoints[name], LAYOUTS[layout], kwargs,
+                                              "--export", str(export), "--plain-too")
     # Loading: every weight, gathered from the shards, is the from_pretrained one bit for bit.
     expected = {f"{key}": value for key, value in reference.state_dict().items()}
     loaded = meta[0]["state_dict"]

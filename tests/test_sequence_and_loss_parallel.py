@@ -24,13 +24,20 @@ def assert_matches(result: dict, reference: dict, label: str) -> None:
     assert weights < FP32_TOLERANCE
 
 
+# The tiny Llama's layouts below, probed alike after training: those of one world size share a launch.
+LLAMA_PROBED = (*LLAMA, "--probe-logits", "--probe-hidden")
+LLAMA_LAYOUTS = {
+    "loss_parallel_tp2": (2, {"tensor_parallel_size": 2, "loss_parallel": True}),
+    "loss_parallel_dp2xtp2": (4, {"tensor_parallel_size": 2, "data_parallel_size": 2, "loss_parallel": True}),
+    "sequence_parallel_dp2xtp2_loss_parallel": (4, {"tensor_parallel_size": 2, "data_parallel_size": 2,
+                                                    "sequence_parallel": True, "loss_parallel": True}),
+}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("devices,layout", [(2, {"tensor_parallel_size": 2}),
-                                            (4, {"tensor_parallel_size": 2, "data_parallel_size": 2})],
-                         ids=["tp2", "dp2xtp2"])
-def test_loss_parallel_matches_single_process_with_sharded_logits(devices, layout, tmp_path, reference_runs):
-    result = run_worker(tmp_path, devices=devices, layout={**layout, "loss_parallel": True},
-                        extra=(*LLAMA, "--probe-logits"))
+@pytest.mark.parametrize("layout", ["tp2", "dp2xtp2"])
+def test_loss_parallel_matches_single_process_with_sharded_logits(layout, reference_runs, shared_launches):
+    result = shared_launches(LLAMA_LAYOUTS, f"loss_parallel_{layout}", *LLAMA_PROBED)
     assert_matches(result, reference_runs(*LLAMA), "loss parallel")
     kind, placements, local_shape, global_shape = result["logits"]
     assert kind == "DTensor" and placements == ["S(2)"]  # sharded on the vocabulary dimension
@@ -53,20 +60,20 @@ def test_loss_parallel_with_tied_embeddings_is_refused_before_launch(no_child_pr
 # Sequence parallelism: norms, dropouts and the residual stream on sequence shards between the tensor-parallel
 # regions. With loss parallelism on too at dp2×tp2: the sequence-sharded final norm feeds the vocabulary-sharded head.
 # tp2 alone runs for every family with a plan in tests/test_hf_parity.py.
-SEQUENCE_PARALLEL = {
-    "dp2xtp2_loss_parallel": (4, {"tensor_parallel_size": 2, "data_parallel_size": 2, "sequence_parallel": True,
-                                  "loss_parallel": True}),
-    # Post-norm, residual inside the attention/FFN output modules; AdamW, as the other BERT parity tests.
-    "bert_dp2xtp2": (4, {"tensor_parallel_size": 2, "data_parallel_size": 2, "sequence_parallel": True}),
-}
+# dp2xtp2_loss_parallel: LLAMA_LAYOUTS' sequence_parallel_dp2xtp2_loss_parallel. BERT: post-norm, residual inside
+# the attention/FFN output modules; AdamW, as the other BERT parity tests.
+BERT_SEQUENCE_PARALLEL = {"tensor_parallel_size": 2, "data_parallel_size": 2, "sequence_parallel": True}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(SEQUENCE_PARALLEL))
-def test_sequence_parallel_matches_single_process(name, tmp_path, reference_runs):
-    devices, layout = SEQUENCE_PARALLEL[name]
-    model = () if name.startswith("bert") else LLAMA  # the tiny BERT token classifier is the worker's default
-    result = run_worker(tmp_path, devices=devices, layout=layout, extra=(*model, "--probe-hidden"))
+@pytest.mark.parametrize("name", ["dp2xtp2_loss_parallel", "bert_dp2xtp2"])
+def test_sequence_parallel_matches_single_process(name, tmp_path, reference_runs, shared_launches):
+    if name.startswith("bert"):  # the tiny BERT token classifier is the worker's default
+        model = ()
+        result = run_worker(tmp_path, devices=4, layout=BERT_SEQUENCE_PARALLEL, extra=("--probe-hidden",))
+    else:
+        model = LLAMA
+        result = shared_launches(LLAMA_LAYOUTS, f"sequence_parallel_{name}", *LLAMA_PROBED)
     assert_matches(result, reference_runs(*model), f"sequence parallel ({name})")
     # What a block hands to the next: this rank's half of the sequence.
     kind, placements, local_shape, global_shape = result["hidden"]

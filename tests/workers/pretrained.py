@@ -5,7 +5,8 @@ Every rank writes ``<out>.rank<N>.pt``: the logits of the rows it predicted (by 
 non-persistent buffers, which parameter names were one tensor when the strategy had loaded the weights
 (before any forward: FSDP's unsharding would re-point shared modules itself), and what it measured;
 ``--fit-steps N`` then trains N SGD steps on the rows (labels: the ids) and gathers the weights again;
-with ``--export DIR`` the model is then exported.
+with ``--export DIR`` the model is then exported. ``--plain-too`` then repeats it all with the class's own
+from_pretrained under the same layout in the same processes (one launch for the pair).
 """
 
 from __future__ import annotations
@@ -98,29 +99,17 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--model-dir", required=True)
-    parser.add_argument("--cls", default="AutoModelForTokenClassification")
-    parser.add_argument("--kwargs", default="{}", help="JSON keyword arguments of from_pretrained")
-    parser.add_argument("--devices", type=int, default=1)
-    parser.add_argument("--layout", default="{}", help="JSON kwargs for ModelParallelStrategy")
-    parser.add_argument("--plain", action="store_true", help="the class's own from_pretrained on every rank")
-    parser.add_argument("--export", default=None, help="export the loaded model as an HF directory here")
-    parser.add_argument("--no-predict", action="store_true")
-    parser.add_argument("--fit-steps", type=int, default=0, help="then train this many SGD steps")
-    args = parser.parse_args()
-
+def load_predict_fit(args: argparse.Namespace, layout: dict, plain: bool, export: str | None) -> tuple[dict, int]:
+    """One Trainer under the layout: load (meta + lightning_mp.from_pretrained, or the class's own), predict,
+    gather, optionally train and export. Returns what this rank measured and its global rank."""
     from lightning_mp import ModelParallelStrategy
 
-    layout = json.loads(args.layout)
     strategy = ModelParallelStrategy(**layout)
     trainer = L.Trainer(accelerator="cpu", devices=args.devices, strategy=strategy, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         max_steps=args.fit_steps, num_sanity_val_steps=0)
     baseline = peak_rss_bytes()
-    module = Pretrained(args.cls, args.model_dir, json.loads(args.kwargs), args.plain)
+    module = Pretrained(args.cls, args.model_dir, json.loads(args.kwargs), plain)
     vocab = module.model.config.vocab_size
     world = args.devices
     data_size = world // (layout.get("tensor_parallel_size", 1) * layout.get("pipeline_parallel_size", 1))
@@ -148,12 +137,38 @@ def main() -> None:
         full = model_state(model, full=True, pipeline_group=trainer.strategy.pipeline_group)  # collective
         result["trained_state_dict"] = {k: v.detach().cpu() for k, v in full.items()}
         result["shared_after_training"] = shared_tensors(model)
-    if args.export:
+    if export:
         from lightning_mp.checkpoint.export import export_hf_model
 
-        export_hf_model(module, "model", args.export)
+        export_hf_model(module, "model", export)
     result["export_rss"] = peak_rss_bytes()
-    torch.save(result, f"{args.out}.rank{trainer.global_rank}.pt")
+    return result, trainer.global_rank
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--model-dir", required=True)
+    parser.add_argument("--cls", default="AutoModelForTokenClassification")
+    parser.add_argument("--kwargs", default="{}", help="JSON keyword arguments of from_pretrained")
+    parser.add_argument("--devices", type=int, default=1)
+    parser.add_argument("--layout", default="{}", help="JSON kwargs for ModelParallelStrategy")
+    parser.add_argument("--plain", action="store_true", help="the class's own from_pretrained on every rank")
+    parser.add_argument("--plain-too", action="store_true",
+                        help="then, in the same processes (one launch, not two), the class's own from_pretrained "
+                             "under the same layout, predicted and trained alike: <out>.plain.rank<N>.pt")
+    parser.add_argument("--export", default=None, help="export the loaded model as an HF directory here")
+    parser.add_argument("--no-predict", action="store_true")
+    parser.add_argument("--fit-steps", type=int, default=0, help="then train this many SGD steps")
+    args = parser.parse_args()
+
+    layout = json.loads(args.layout)
+    # Written before the second run starts: its RSS figures are this run's alone.
+    result, rank = load_predict_fit(args, layout, args.plain, args.export)
+    torch.save(result, f"{args.out}.rank{rank}.pt")
+    if args.plain_too:
+        result, rank = load_predict_fit(args, layout, True, None)
+        torch.save(result, f"{args.out}.plain.rank{rank}.pt")
 
 
 if __name__ == "__main__":

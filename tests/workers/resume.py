@@ -62,6 +62,18 @@ class KillAfter(Callback):
             os.killpg(0, signal.SIGKILL)
 
 
+class KeepWeightsAt(Callback):
+    """The full weights right after optimizer step N: what a run of N steps ends with, without a run of its own."""
+
+    def __init__(self, step: int) -> None:
+        self.step, self.state_dict = step, None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            full = model_state(pl_module, full=True, pipeline_group=trainer.strategy.pipeline_group)
+            self.state_dict = {k: v.detach().clone() for k, v in full.items()}  # not the live weights
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
@@ -73,6 +85,7 @@ def main() -> None:
     parser.add_argument("--every-step", help="ModelCheckpoint(dirpath=DIR, every_n_train_steps=1, save_last=True)")
     parser.add_argument("--kill-after", type=int)
     parser.add_argument("--full", action="store_true", help="save_distributed_checkpoint=False (one full file)")
+    parser.add_argument("--weights-at", type=int, help="also write the full weights after this step (weights_at)")
     args = parser.parse_args()
 
     L.seed_everything(0, verbose=False)
@@ -87,6 +100,9 @@ def main() -> None:
                                          save_top_k=0))
     if args.kill_after is not None:
         callbacks.append(KillAfter(args.kill_after))
+    keep_weights = KeepWeightsAt(args.weights_at) if args.weights_at is not None else None
+    if keep_weights is not None:
+        callbacks.append(keep_weights)
     trainer = L.Trainer(
         accelerator="cpu", devices=args.devices, strategy=strategy, max_steps=args.steps, logger=False,
         enable_checkpointing=bool(args.every_step), enable_progress_bar=False, enable_model_summary=False,
@@ -96,6 +112,8 @@ def main() -> None:
     trainer.fit(module, loader(16 // data_size), ckpt_path=args.resume)
     result = {"losses": recorder.losses, "first_ids": recorder.first_ids, "lr": trainer.optimizers[0].param_groups[0]["lr"]}
     result["state_dict"] = model_state(module, full=True, pipeline_group=trainer.strategy.pipeline_group)
+    if keep_weights is not None:
+        result["weights_at"] = keep_weights.state_dict
     if trainer.is_global_zero:
         torch.save(result, args.out)
 

@@ -1,7 +1,9 @@
 """Train the tiny BERT for a few steps under a given layout; rank 0 writes losses and full weights.
 
 Run directly (``python tests/workers/train.py --out x.pt``) or under torchrun; the single-process
-reference is the same script with ``--devices 1 --strategy none``.
+reference is the same script with ``--devices 1 --strategy none``. ``--layouts '[{...}, {...}]'`` trains under
+several layouts of one world size in turn, in the same processes: starting the ranks (imports, process group)
+costs as much as training the tiny model, and the suite runs on 2 cores.
 """
 
 from __future__ import annotations
@@ -110,10 +112,24 @@ def main() -> None:
                         help="record the parameters gathered when backward starts and each FSDP unit's settings")
     parser.add_argument("--variable-width", action="store_true",
                         help="batches padded to their own longest row; only data-parallel rank 1's width changes")
+    parser.add_argument("--layouts", default=None,
+                        help="JSON list of ModelParallelStrategy kwargs: train under each in turn, in the same processes "
+                             "(one launch; one Trainer each, seeded alike); rank 0 writes the list of results")
     args = parser.parse_args()
+    layouts = json.loads(args.layouts) if args.layouts is not None else [json.loads(args.layout)]
+    results = []
+    for layout in layouts:
+        if args.layouts is not None:  # which layout a failure belongs to
+            print(f"[train] layout {json.dumps(layout)}", file=sys.stderr, flush=True)
+        result, global_zero = train(args, layout)
+        results.append(result)
+    if global_zero:
+        torch.save(results if args.layouts is not None else results[0], args.out)
 
+
+def train(args: argparse.Namespace, layout: dict) -> tuple[dict, bool]:
+    """One Trainer under ``layout``: (what rank 0 writes, whether this is global rank 0)."""
     L.seed_everything(0, verbose=False)
-    layout = json.loads(args.layout)
     if args.strategy == "none":
         strategy, data_size = "auto", 1
     elif args.strategy == "lightning":
@@ -232,8 +248,7 @@ def main() -> None:
         result["state_dict"] = model_state(module, full=True)
     else:
         result["state_dict"] = {k: v.detach().clone() for k, v in module.state_dict().items()}
-    if trainer.is_global_zero:
-        torch.save(result, args.out)
+    return result, trainer.is_global_zero
 
 
 if __name__ == "__main__":
