@@ -203,7 +203,8 @@ def main() -> None:
     runs: dict[Case, list[dict]] = {c: [] for c, _ in pairs}
     failures: list[dict] = []
     for round_index in range(args.repeats):
-        for c, precision in pairs:
+        shift = round_index % len(pairs)  # the default is not always the first job of a round
+        for c, precision in pairs[shift:] + pairs[:shift]:
             runs[c].append(run_with_retry(c, precision, args, shared, failures))
         rows = summarize([c for c, _ in pairs], runs)
         Path(args.json).write_text(json.dumps({"settings": settings, "rounds": round_index + 1,

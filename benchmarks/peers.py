@@ -15,8 +15,8 @@ Our ``compile=True`` rows ("ours+compile") run where compile applies; their rati
 Models: ``--model`` picks a preset of benchmarks/workload.py (BERT token classifier or Llama causal LM, from
 small CPU shapes to BERT-large and a 1.2 B Llama).
 
-Every job is run ``--repeats`` times, the repeats interleaved (round r runs every job once), so that the
-machine's drifting load falls on all of them alike. Reported: the median step time of each job (after
+Every job is run ``--repeats`` times, the repeats interleaved (round r runs every job once, starting r jobs
+later in the list), so that the machine's drifting load falls on all of them alike. Reported: the median step time of each job (after
 warm-up), its ratio to ours in the same round (median over rounds, and the lowest and highest), the first
 step (where compile happens), tokens/s per device, MFU on known GPUs (model FLOPs by the PaLM convention ÷ the
 datasheet's dense bf16 peak), the per-rank bytes of parameters + optimizer state, and the per-rank peak memory
@@ -315,7 +315,9 @@ def main() -> None:
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     failed: dict[str, str] = {}
     for round_index in range(args.repeats):
-        for case in cases:
+        # Each round starts one job later in the list: no job is always the first (or the last) of a round.
+        shift = round_index % len(cases)
+        for case in cases[shift:] + cases[:shift]:
             if f"{case.layout} {case.name}" in failed:
                 continue
             out = Path(args.json).with_suffix(f".{case.layout.replace(' ', '_')}.{case.name}.tmp")
