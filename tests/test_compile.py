@@ -36,6 +36,10 @@ LAYOUTS = {
     # Selective checkpointing is left out here: its compile did not finish in 10 minutes on the shared 2-core
     # machine (the traced selective variant is checked eagerly below).
     "dp2": (2, {"data_parallel_size": 2, "activation_checkpointing": "full"}),
+    # Tensor-parallel linears get 2-D inputs under compile (parallel/tensor.py, prepare_for_compile).
+    # (without activation checkpointing, which compile with tensor parallelism refuses).
+    "tp2": (2, {"data_parallel_size": 1, "tensor_parallel_size": 2}),
+    "dp2xtp2": (4, {"data_parallel_size": 2, "tensor_parallel_size": 2}),
 }
 
 
