@@ -39,6 +39,7 @@ LAYOUTS = {
     # Tensor-parallel linears get 2-D inputs under compile (parallel/tensor.py, prepare_for_compile); without
     # activation checkpointing and FSDP, which compile refuses with tensor parallelism (tests below).
     "tp2": (2, {"data_parallel_size": 1, "tensor_parallel_size": 2}),
+    "tp2-loss-parallel": (2, {"data_parallel_size": 1, "tensor_parallel_size": 2, "loss_parallel": True}),
     "dp2xtp2": (4, {"data_parallel_size": 2, "tensor_parallel_size": 2, "data_parallel_mode": "replicated"}),
 }
 

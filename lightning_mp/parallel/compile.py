@@ -13,7 +13,8 @@ With tensor parallelism (torch 2.13, CPU; README, "Compiling blocks"), tracing t
 DTensor whose sizes are symbols never ends (pytorch#152954: the C++ ``ViewBackward0`` takes ``max(size, 1)`` of
 a size, gets the same expression back, and its proxy refers to itself), and DTensor's ``linear`` views every
 3-D input. So the tensor-parallel linears in the blocks get 2-D inputs (``parallel/tensor.py``,
-``prepare_for_compile``): one graph for every width, as without tensor parallelism. Still refused
+``prepare_for_compile``): one graph for every width, as without tensor parallelism (loss parallelism included:
+the head stays eager). Still refused
 (``config.py``), each failing inside torch:
 
 - sequence parallelism: the linears' inputs are sharded on the sequence dimension, which flattening merges;

@@ -116,6 +116,8 @@ def _flatten_inputs(linear: nn.Linear) -> None:
 
 
 def _linear_on_rows(self: nn.Linear, rows: torch.Tensor, leading_shape: torch.Size) -> torch.Tensor:
+    # ``leading_shape`` is unused here: the forward takes it so that the output hook, which sees the forward's
+    # keyword arguments, receives it.
     return F.linear(rows, self.weight, self.bias)
 
 
