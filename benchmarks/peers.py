@@ -80,7 +80,7 @@ CASES = [
 # Our compiled blocks (compile=True) in the layouts where compile applies, against our eager row of the layout.
 COMPILED = [
     Case(case.layout, case.devices, "ours", {**case.kwargs, "compile": True}, label="ours+compile")
-    for case in CASES if case.name == "ours" and case.layout in ("1 device", "dp2", "pp2")
+    for case in CASES if case.name == "ours" and case.layout in ("1 device", "dp2", "pp2", "tp2")
 ]
 
 
@@ -286,7 +286,7 @@ def main() -> None:
     parser.add_argument("--model", default="bert-small", choices=sorted(PRESETS), help="see benchmarks/workload.py")
     parser.add_argument("--precision", default="32-true", help="Lightning's precision for every runner")
     parser.add_argument("--compiled", action=argparse.BooleanOptionalAction, default=True,
-                        help="also run our compile=True rows (1 device, dp2, pp2)")
+                        help="also run our compile=True rows (1 device, dp2, pp2, tp2)")
     parser.add_argument("--peak-tflops", type=float, default=0.0,
                         help="peak FLOP/s (in TFLOP/s) for MFU; default: the datasheet's for known GPUs, none on CPUs")
     parser.add_argument("--only", nargs="+", metavar="LAYOUT", choices=sorted({case.layout for case in CASES}),

@@ -94,8 +94,8 @@ class ModelParallelStrategy(CheckpointHooks, StepHooks, ParallelStrategy):
             Decided when the model is known, before any process starts.
         compile: ``torch.compile`` each block of the plan (the FSDP and activation-checkpointing unit), after
             activation checkpointing, before FSDP; one graph serves every sequence length (dynamic shapes) and
-            every block of one class. Needs a plan that names the blocks; not yet with tensor parallelism. See
-            ``parallel/compile.py``.
+            every block of one class. Needs a plan that names the blocks; with tensor parallelism not yet
+            together with sequence parallelism, activation checkpointing or FSDP. See ``parallel/compile.py``.
         fsdp_settings: an :class:`~lightning_mp.config.FSDPSettings` (or a dict of its fields): which blocks reshard
             after forward, explicit prefetch depths, the gradient reduction dtype; the defaults are the measured choice.
     """

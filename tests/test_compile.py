@@ -36,6 +36,11 @@ LAYOUTS = {
     # Selective checkpointing is left out here: its compile did not finish in 10 minutes on the shared 2-core
     # machine (the traced selective variant is checked eagerly below).
     "dp2": (2, {"data_parallel_size": 2, "activation_checkpointing": "full"}),
+    # Tensor-parallel linears get 2-D inputs under compile (parallel/tensor.py, prepare_for_compile); without
+    # activation checkpointing and FSDP, which compile refuses with tensor parallelism (tests below).
+    "tp2": (2, {"data_parallel_size": 1, "tensor_parallel_size": 2}),
+    "tp2-loss-parallel": (2, {"data_parallel_size": 1, "tensor_parallel_size": 2, "loss_parallel": True}),
+    "dp2xtp2": (4, {"data_parallel_size": 2, "tensor_parallel_size": 2, "data_parallel_mode": "replicated"}),
 }
 
 
@@ -77,13 +82,28 @@ def test_compile_needs_a_plan_with_blocks(no_child_processes):
                   strategy=ModelParallelStrategy(compile=True, plan={"model.lm_head": "colwise"})).fit(module)
 
 
-def test_compile_with_tensor_parallelism_is_refused_before_launch(no_child_processes):
-    with pytest.raises(ValueError, match=r"compile=True with tensor_parallel_size=2 is not supported yet: torch \S+"
-                                         r" fails to compile blocks whose parameters are tensor-parallel DTensors"
-                                         r" with dynamic shapes \(RecursionError .*"
-                                         r"https://github.com/pytorch/pytorch/issues/152954"):
+REFUSED_WITH_TENSOR_PARALLELISM = {
+    "sequence_parallel": ({"sequence_parallel": True, "data_parallel_mode": "replicated"},
+                          r"compile=True with tensor_parallel_size=2 and sequence_parallel=True is not supported yet:"
+                          r" torch \S+ .*RecursionError.*https://github.com/pytorch/pytorch/issues/152954\)\. Use"
+                          r" sequence_parallel=False"),
+    "checkpointing": ({"activation_checkpointing": "full", "data_parallel_mode": "replicated"},
+                      r"compile=True with tensor_parallel_size=2 and activation_checkpointing='full' is not supported"
+                      r" yet: .*DeviceMesh.*Use activation_checkpointing=False"),
+    "fsdp": ({}, r"compile=True with tensor_parallel_size=2 and parameters sharded over 2 data-parallel ranks \(FSDP\)"
+                 r" is not supported yet: .*Use data_parallel_mode='replicated'"),
+}
+
+
+@pytest.mark.parametrize("name", list(REFUSED_WITH_TENSOR_PARALLELISM))
+def test_what_compile_cannot_trace_with_tensor_parallelism_is_refused_before_launch(name, no_child_processes):
+    switches, message = REFUSED_WITH_TENSOR_PARALLELISM[name]
+    with pytest.raises(ValueError, match=message):
         L.Trainer(accelerator="cpu", devices=4, logger=False,
-                  strategy=ModelParallelStrategy(tensor_parallel_size=2, compile=True))
+                  strategy=ModelParallelStrategy(tensor_parallel_size=2, compile=True, **switches))
+    # The same layout without compile is accepted.
+    L.Trainer(accelerator="cpu", devices=4, logger=False, strategy=ModelParallelStrategy(tensor_parallel_size=2,
+                                                                                         **switches))
 
 
 def test_compile_switch_is_a_bool_and_reaches_the_strategy_from_the_recipes():

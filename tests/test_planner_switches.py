@@ -14,6 +14,7 @@ from conftest import WORKERS
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from lightning_mp import ModelParallelStrategy
+from lightning_mp.config import ParallelConfig
 from lightning_mp.parallel.activation_checkpointing import apply_activation_checkpointing
 from lightning_mp.planner import (Cluster, Layout, ModelShape, activation_bytes, choose, memory,
                                   shape_from_config)
@@ -120,21 +121,41 @@ AUTO_BATCH, AUTO_SEQ, AUTO_MEMORY_GB = 1, 16384, 0.15
 AUTO_EXPECTED = {True: (False, False), False: (True, "full")}
 
 
-def test_the_search_keeps_compiled_blocks_off_tensor_parallelism():
-    """compile=True is refused with tensor parallelism by the strategy, so the planner never picks such a layout;
-    where only tensor parallelism fits, layout='auto' says so before any process starts."""
+REASONS = (lambda layout: layout.sequence_parallel, lambda layout: layout.activation_checkpointing,
+           lambda layout: layout.shard > 1 and not (layout.sequence_parallel or layout.activation_checkpointing))
+
+
+def test_the_search_keeps_compiled_blocks_off_tensor_parallelism_with_what_torch_cannot_trace():
+    """compile=True with tensor parallelism is refused by the strategy together with sequence parallelism,
+    activation checkpointing or FSDP, so the planner never picks such a layout (tensor-parallel layouts with
+    replicated data parallelism stay open); where only those fit, layout='auto' says so before any process starts."""
     shape = shape_from_config(LLAMA3_70B)
     cluster = Cluster(devices_per_node=8, num_nodes=32)
     eager, _ = choose(shape, cluster, global_batch=512, seq=8192)
     compiled, ranked = choose(shape, cluster, global_batch=512, seq=8192, compile=True)
     assert eager.layout.tensor > 1 and compiled.layout.tensor == 1
-    assert all("compile=True is not supported with tensor parallelism" in (c.rejected or "")
-               for c in ranked if 1 < c.layout.tensor <= 8)  # wider ones would cross nodes, said first
+    refused = [c for c in ranked if 1 < c.layout.tensor <= 8  # wider ones would cross nodes, said first
+               and (c.layout.sequence_parallel or c.layout.activation_checkpointing or c.layout.shard > 1)]
+    assert refused and all(c.rejected for c in refused)  # for compile, or for a reason checked before it
+    assert any("compile=True with tensor parallelism" in c.rejected for c in refused)
+    open_ones = [c for c in ranked if 1 < c.layout.tensor <= 8 and c not in refused]
+    assert open_ones and not any("compile=True" in (c.rejected or "") for c in open_ones)
+    # The strategy refuses what the planner rejects: one layout for each reason.
+    for candidate in [next(c for c in refused if why(c.layout) and "compile=True" in c.rejected) for why in REASONS]:
+        layout = candidate.layout
+        config = ParallelConfig(data_parallel_size=layout.data, tensor_parallel_size=layout.tensor,
+                                pipeline_parallel_size=layout.pipeline, data_parallel_mode=layout.mode,
+                                data_parallel_replicate_size=layout.replicate if layout.mode == "hybrid" else None,
+                                activation_checkpointing=layout.activation_checkpointing,
+                                sequence_parallel=layout.sequence_parallel, compile=True)
+        with pytest.raises(ValueError, match="compile=True with tensor_parallel_size="):
+            config.resolve(layout.data * layout.tensor * layout.pipeline, 8)
 
     strategy = ModelParallelStrategy(layout="auto", global_batch_size=AUTO_BATCH, sequence_length=AUTO_SEQ,
                                      device_memory_gb=AUTO_MEMORY_GB, compile=True)
     L.Trainer(accelerator="cpu", devices=4, strategy=strategy, logger=False)
-    with pytest.raises(ValueError, match=r"no layout of 4 devices fits this model"):  # eager: tp=4 (test above)
+    # Without loss parallelism only tp=4 with sequence parallelism and full checkpointing fits (test above).
+    with pytest.raises(ValueError, match=r"no layout of 4 devices fits this model"):
         strategy.check_model(AutoModule())
 
 

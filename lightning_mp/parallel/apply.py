@@ -27,7 +27,7 @@ from lightning_mp.parallel.loss_parallel import check_loss_parallel, with_sharde
 from lightning_mp.pipeline.runtime import PipelineRuntime, build_pipeline, check_ties
 from lightning_mp.pipeline.sequence_shards import SequenceShardedStages
 from lightning_mp.pipeline.split import check_ownership, check_split_points, stage_blocks
-from lightning_mp.parallel.tensor import apply_tensor_parallel, expand_globs, present_globs
+from lightning_mp.parallel.tensor import apply_tensor_parallel, expand_globs, prepare_for_compile, present_globs
 from lightning_mp.plans import ModelPlan, find_plan
 
 
@@ -171,6 +171,8 @@ def _apply_axes(root: nn.Module, model: Optional[nn.Module], blocks: list[nn.Mod
     one unit per block, then ``model``, then whatever in ``root`` still holds parameters."""
     if model is not None:
         apply_tensor_parallel(model, mesh[TENSOR], plan.tensor_parallel)
+        if config.compile and mesh[TENSOR].size() > 1:
+            prepare_for_compile(model, blocks)
     owner_path = (plan.blocks or "").rpartition(".")[0]
     owner = (model.get_submodule(owner_path) if owner_path else model) if model is not None else None
     if config.checkpoint_mode:

@@ -9,24 +9,24 @@ after activation checkpointing and before FSDP (torchtitan's order, where tensor
 - before FSDP, so FSDP's hooks, which all-gather and free the parameters, stay outside the graph: torch
   runs them eagerly around it (dynamo's ``skip_fsdp_hooks``), and the graph sees whole parameters.
 
-Tensor parallelism is refused with compile (``config.py``). Tried with torch 2.13 on CPU (README, "Compiling blocks"):
+With tensor parallelism (torch 2.13, CPU; README, "Compiling blocks"), tracing the backward of a view of a
+DTensor whose sizes are symbols never ends (pytorch#152954: the C++ ``ViewBackward0`` takes ``max(size, 1)`` of
+a size, gets the same expression back, and its proxy refers to itself), and DTensor's ``linear`` views every
+3-D input. So the tensor-parallel linears in the blocks get 2-D inputs (``parallel/tensor.py``,
+``prepare_for_compile``): one graph for every width, as without tensor parallelism (loss parallelism included:
+the head stays eager). Still refused
+(``config.py``), each failing inside torch:
 
-- symbolic sizes (``dynamic=True``, or ``dynamic=None`` from the second width on, sequence dim only): tracing the
-  backward of a tensor-parallel ``nn.Linear`` on 3-D input never ends (RecursionError). DTensor's linear
-  flattens the input with a view; the C++ ``ViewBackward0`` takes ``max(size, 1)`` of a size whose symbol the
-  tracer never recorded, the result has the same expression, and its proxy then refers to itself
-  (pytorch#152954). Inductor fails as aot_eager does, and so does sequence parallelism; a raised recursion
-  limit only recurses deeper.
-- fixed sizes (``dynamic=False``, torchtitan's choice at its fixed sequence length) trace, but compile once
-  per new width; and the first block's input, a view made by ``DTensor.to_local`` in the embedding's output
-  hook, sends its gradient past ``to_local``'s backward (a plain tensor reaches DTensor's redistribution).
-- unbacked sizes (``automatic_dynamic_shapes_mark_as="unbacked"``) avoid the recursion but break the graph
-  inside attention (``q_length > 1``) and still compile once per width.
-- a lead for later: forward hooks that flatten each tensor-parallel linear's input to 2-D (before the
-  style's hook) and unflatten its local output, plus a copy of the first block's input, traced with symbolic
-  sizes and matched eager with one graph for every width; but the shape the pre-hook leaves for the post-hook
-  is a side effect, which breaks the graph inside traced activation checkpointing (nothing compiled), and with
-  ``skip_fwd_side_effects_in_bwd_under_checkpoint`` tracing then failed on a DeviceMesh saved for backward.
+- sequence parallelism: the linears' inputs are sharded on the sequence dimension, which flattening merges;
+- activation checkpointing: the traced recompute saves the DeviceMesh among its tensors (AssertionError in the
+  first compiled forward);
+- FSDP (data-parallel sharding) of the tensor-parallel parameters: the backward view's size is a product of
+  three factors, for which torch's proxy calls a two-argument ``mul`` (TypeError). Replicated data parallelism
+  works. With ``dynamic=None`` FSDP compiled, but once more per width (3 graphs after 3 widths).
+
+Tried before and dropped: fixed sizes (``dynamic=False``) compile once per width; unbacked sizes break the graph
+inside attention; flattening inside the linear's forward views the DTensor (the same RecursionError); hooks that
+kept the shape on the module broke the graph inside traced activation checkpointing.
 
 ``Module.compile`` compiles in place: the block keeps its class and its parameter names, so checkpoints,
 optimizers and the pipeline split see the same model as without compile.

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import types
 from fnmatch import fnmatchcase
+from typing import Iterable
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Replicate
+from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
@@ -73,3 +77,58 @@ def apply_tensor_parallel(module: nn.Module, tp_mesh: DeviceMesh, plan: dict[str
     if tp_mesh.size() == 1 or not plan:
         return
     parallelize_module(module, tp_mesh, expand_globs(module, plan))
+
+
+def prepare_for_compile(model: nn.Module, blocks: Iterable[nn.Module]) -> None:
+    """Let torch.compile trace the tensor-parallel linears of ``blocks`` with symbolic sizes (torch 2.13).
+
+    Tracing the backward of a view of a DTensor whose sizes are symbols never ends (pytorch#152954: the C++
+    ``ViewBackward0`` takes ``max(size, 1)`` of a symbol and gets the same symbol back), and DTensor's
+    ``linear`` makes such a view of every 3-D input. So each tensor-parallel ``nn.Linear`` in the blocks sees a
+    2-D input: a pre-hook, run before the style's, flattens the plain ``(batch, seq, in)`` tensor and hands its
+    leading sizes on as a keyword argument; the layer's forward multiplies the 2-D DTensor; a hook run after
+    the style's unflattens the local output. The sizes travel as an argument, not as state on the module: a
+    side effect would break the graph inside traced activation checkpointing. Flattening inside the forward
+    instead would view the DTensor again (tried: the same RecursionError). The layer keeps its class,
+    parameters and state-dict keys; only this instance's ``forward`` changes. Under sequence parallelism the
+    linears' inputs are sharded on the sequence dimension, which flattening would merge: that stays refused
+    (``config.py``).
+
+    The first block's input must not be the view ``DTensor.to_local`` returns from a vocabulary-parallel
+    embedding: its gradient would then reach DTensor's redistribution as a plain tensor. Each such
+    embedding's output is copied (one ``(batch, seq, hidden)`` copy per step).
+    """
+    inside = set()
+    for block in blocks:
+        for module in block.modules():
+            inside.add(id(module))
+            if isinstance(module, nn.Linear) and isinstance(module.weight, DTensor):
+                _flatten_inputs(module)
+    for module in model.modules():
+        if id(module) not in inside and isinstance(module, nn.Embedding) and isinstance(module.weight, DTensor):
+            module.register_forward_hook(_copy_local_output)
+
+
+def _flatten_inputs(linear: nn.Linear) -> None:
+    linear.forward = types.MethodType(_linear_on_rows, linear)
+    linear.register_forward_pre_hook(_flatten_leading, prepend=True, with_kwargs=True)
+    linear.register_forward_hook(_unflatten_leading, with_kwargs=True)
+
+
+def _linear_on_rows(self: nn.Linear, rows: torch.Tensor, leading_shape: torch.Size) -> torch.Tensor:
+    # ``leading_shape`` is unused here: the forward takes it so that the output hook, which sees the forward's
+    # keyword arguments, receives it.
+    return F.linear(rows, self.weight, self.bias)
+
+
+def _flatten_leading(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    hidden = args[0]
+    return (hidden.flatten(0, -2), *args[1:]), {**kwargs, "leading_shape": hidden.shape[:-1]}
+
+
+def _unflatten_leading(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
+    return output.unflatten(0, kwargs["leading_shape"])
+
+
+def _copy_local_output(module: nn.Module, args: tuple, output: object) -> object:
+    return output.clone() if isinstance(output, torch.Tensor) and not isinstance(output, DTensor) else output

@@ -31,7 +31,8 @@ def candidates(model: Shape, cluster: Cluster, global_batch: int, seq: int,
                replicated: bool = True) -> list[Candidate]:
     """Every layout worth considering, each with its memory, time and (if any) why it is rejected.
     ``loss_parallel``: whether it may be used (it turns the model's ``.logits`` into a sharded DTensor);
-    ``compile``: the blocks will be compiled, which the strategy refuses with tensor parallelism;
+    ``compile``: the blocks will be compiled, which the strategy refuses with tensor parallelism together with
+    sequence parallelism, activation checkpointing or FSDP (``config.py``);
     ``replicated``: whether the replicated data-parallel mode may be used (not with FSDP settings)."""
     limit = cluster.device_memory_gb * 2**30 * cluster.usable_fraction
     found = []
@@ -42,9 +43,6 @@ def candidates(model: Shape, cluster: Cluster, global_batch: int, seq: int,
         reason = None
         if tp > cluster.devices_per_node:
             reason = f"tensor parallelism over {tp} devices would cross nodes ({cluster.devices_per_node} per node)"
-        elif compile and tp > 1:
-            reason = (f"compile=True is not supported with tensor parallelism (tp={tp}; torch cannot trace it with dynamic"
-                      " shapes, pytorch#152954); only tp=1 layouts compile")
         elif model.tensor_parallel_problem(tp):
             reason = model.tensor_parallel_problem(tp)
         elif too_few_blocks(pp, model.layers):
@@ -54,12 +52,20 @@ def candidates(model: Shape, cluster: Cluster, global_batch: int, seq: int,
         for layout in _variants(dp, tp, pp, max(1, global_batch // dp), model, cluster, loss_parallel, replicated):
             mem = memory(model, layout, global_batch, seq, precision) if reason is None else Memory()
             time = step_time(model, layout, cluster, global_batch, seq, precision) if reason is None else StepTime()
-            why = reason
+            why = reason or (_compile_problem(layout) if compile else None)
             if why is None and mem.total > limit:
                 why = (f"needs {mem.total / 2**30:.1f} GiB per device, more than {cluster.usable_fraction:.0%} of"
                        f" {cluster.device_memory_gb:g} GB")
             found.append(Candidate(layout, mem, time, why))
     return found
+
+
+def _compile_problem(layout: Layout) -> Optional[str]:
+    """What the strategy refuses with compile=True (``ParallelConfig._check_compile_with_tensor_parallelism``)."""
+    if layout.tensor > 1 and (layout.sequence_parallel or layout.activation_checkpointing or layout.shard > 1):
+        return (f"compile=True with tensor parallelism (tp={layout.tensor}) is not supported with sequence parallelism,"
+                " activation checkpointing or FSDP (torch 2.13 fails to trace them; replicated data parallelism works)")
+    return None
 
 
 def _variants(dp: int, tp: int, pp: int, local_batch: int, model: Shape, cluster: Cluster,
@@ -131,7 +137,7 @@ class AutoLayout:
     sequence_length: int
     device_memory_gb: Optional[float] = None
     loss_parallel: bool = False  # may the planner shard the logits (the model's ``.logits`` become a DTensor)
-    compile: bool = False  # the blocks will be compiled: tensor-parallel layouts are refused by the strategy
+    compile: bool = False  # compiled blocks: with tensor parallelism, no SP, checkpointing or FSDP (config.py)
     replicated: bool = True  # may pick data_parallel_mode="replicated" (False when FSDP settings were given)
 
     def __post_init__(self) -> None:
