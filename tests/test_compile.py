@@ -41,6 +41,7 @@ LAYOUTS = {
     "tp2": (2, {"data_parallel_size": 1, "tensor_parallel_size": 2}),
     "tp2-loss-parallel": (2, {"data_parallel_size": 1, "tensor_parallel_size": 2, "loss_parallel": True}),
     "dp2xtp2": (4, {"data_parallel_size": 2, "tensor_parallel_size": 2, "data_parallel_mode": "replicated"}),
+    "pp2xtp2": (4, {"data_parallel_size": 1, "tensor_parallel_size": 2, "pipeline_parallel_size": 2}),
 }
 
 
