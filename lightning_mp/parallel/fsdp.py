@@ -24,12 +24,10 @@ def mixed_precision_policy(precision: str, reduce_dtype: str | None = None) -> M
     traffic) and gradients reduced in fp32, so that summing many shards does not lose precision; "-true":
     everything in the parameter dtype. ``reduce_dtype`` (FSDPSettings) overrides the reduction's dtype."""
     dtype = PRECISIONS[precision].mixed_dtype
-    param_dtype = getattr(torch, dtype) if dtype is not None else None
-    if reduce_dtype is not None:
-        return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=getattr(torch, reduce_dtype))
-    if dtype is None:
-        return MixedPrecisionPolicy()
-    return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    if reduce_dtype is None:  # None everywhere: FSDP2 keeps the parameter dtype
+        reduce_dtype = "float32" if dtype is not None else None
+    return MixedPrecisionPolicy(param_dtype=getattr(torch, dtype) if dtype is not None else None,
+                                reduce_dtype=getattr(torch, reduce_dtype) if reduce_dtype is not None else None)
 
 
 def apply_fsdp(
