@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass, field, fields
 from datetime import timedelta
 from typing import Any, Literal, Optional, Union
 
+from lightning_mp.compile_limits import compile_problem
+
 DATA_PARALLEL_MODES = ("fully_sharded", "hybrid", "replicated")
 PIPELINE_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "interleaved_zero_bubble", "zbv_zero_bubble")
 # Schedules that hold more than one stage per rank ("virtual" stages).
@@ -233,45 +235,10 @@ class ParallelConfig:
                 f" {_suggest(world_size)}"
             )
         replicate, shard = self._split_data_parallel(dp, world_size // devices_per_node)
-        if self.compile and tp > 1:
-            self._check_compile_with_tensor_parallelism(tp, shard)
+        problem = compile_problem(self.compile, tp, shard, self.sequence_parallel, self.activation_checkpointing)
+        if problem:
+            raise ValueError(problem)
         return MeshShape(pipeline=pp, data_replicate=replicate, data_shard=shard, tensor=tp)
-
-    def _check_compile_with_tensor_parallelism(self, tp: int, shard: int) -> None:
-        # Measured with torch 2.13 (CPU, gloo; README "Compiling blocks"). Tracing the backward of a view of a DTensor
-        # with symbolic sizes never ends (pytorch#152954); without sequence parallelism the tensor-parallel linears get
-        # 2-D inputs instead (parallel/tensor.py, prepare_for_compile), with it their inputs are sharded on the
-        # sequence dimension, which flattening would merge.
-        if self.sequence_parallel:
-            raise ValueError(
-                f"compile=True with tensor_parallel_size={tp} and sequence_parallel=True is not supported yet: torch"
-                f" {_torch_version()} fails to compile blocks whose inputs are sequence-sharded DTensors with dynamic"
-                " shapes (RecursionError while tracing the backward of a view of a DTensor; upstream"
-                " https://github.com/pytorch/pytorch/issues/152954). Use sequence_parallel=False (compile works with"
-                " tensor parallelism without it), or compile=False."
-            )
-        # Traced activation checkpointing saves the tensor-parallel DeviceMesh for its recompute, and torch's
-        # partitioner then files the mesh among the saved tensors (an AssertionError in the first compiled forward).
-        if self.checkpoint_mode:
-            raise ValueError(
-                f"compile=True with tensor_parallel_size={tp} and activation_checkpointing="
-                f"{self.activation_checkpointing!r} is not supported yet: torch {_torch_version()} saves the"
-                " tensor-parallel DeviceMesh among the activations of the traced recompute and fails in the first"
-                " compiled forward (AssertionError: expected all tensors_saved_with_vc_check to be Tensors)."
-                " Use activation_checkpointing=False, or compile=False, or tensor_parallel_size=1 (compile works"
-                " with activation checkpointing there)."
-            )
-        # With FSDP sharding the tensor-parallel parameters, tracing a backward view fails on a size that is neither the
-        # batch nor the sequence (2*(16//s)*(16//(16//s)) on a tiny Llama whose tensor-parallel width is 16; most likely
-        # from the all-gathered parameters): torch's proxy for the three-factor product calls a two-argument mul.
-        if shard > 1:
-            raise ValueError(
-                f"compile=True with tensor_parallel_size={tp} and parameters sharded over {shard} data-parallel ranks"
-                f" (FSDP) is not supported yet: torch {_torch_version()} fails to compile blocks whose tensor-parallel"
-                " parameters FSDP all-gathers with dynamic shapes (TypeError: mul expected 2 arguments, got 3, while"
-                " tracing the backward of a view). Use data_parallel_mode='replicated' (gradients all-reduced, no"
-                " FSDP), or compile=False, or tensor_parallel_size=1."
-            )
 
     def _split_data_parallel(self, dp: int, num_nodes: int) -> tuple[int, int]:
         if self.data_parallel_mode == "fully_sharded":
@@ -299,12 +266,6 @@ class ParallelConfig:
                 f" valid values: {divisors(dp)}."
             )
         return replicate, dp // replicate
-
-
-def _torch_version() -> str:
-    import torch
-
-    return torch.__version__
 
 
 def divisors(n: int) -> list[int]:

@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
+from lightning_mp.compile_limits import compile_problem
 from lightning_mp.config import divisors, too_few_blocks
 from lightning_mp.planner.inputs import Cluster, Layout, device_memory_gb
 from lightning_mp.planner.memory import Memory, Shape, memory
@@ -52,20 +53,13 @@ def candidates(model: Shape, cluster: Cluster, global_batch: int, seq: int,
         for layout in _variants(dp, tp, pp, max(1, global_batch // dp), model, cluster, loss_parallel, replicated):
             mem = memory(model, layout, global_batch, seq, precision) if reason is None else Memory()
             time = step_time(model, layout, cluster, global_batch, seq, precision) if reason is None else StepTime()
-            why = reason or (_compile_problem(layout) if compile else None)
+            why = reason or compile_problem(compile, layout.tensor, layout.shard, layout.sequence_parallel,
+                                            layout.activation_checkpointing)
             if why is None and mem.total > limit:
                 why = (f"needs {mem.total / 2**30:.1f} GiB per device, more than {cluster.usable_fraction:.0%} of"
                        f" {cluster.device_memory_gb:g} GB")
             found.append(Candidate(layout, mem, time, why))
     return found
-
-
-def _compile_problem(layout: Layout) -> Optional[str]:
-    """What the strategy refuses with compile=True (``ParallelConfig._check_compile_with_tensor_parallelism``)."""
-    if layout.tensor > 1 and (layout.sequence_parallel or layout.activation_checkpointing or layout.shard > 1):
-        return (f"compile=True with tensor parallelism (tp={layout.tensor}) is not supported with sequence parallelism,"
-                " activation checkpointing or FSDP (torch 2.13 fails to trace them; replicated data parallelism works)")
-    return None
 
 
 def _variants(dp: int, tp: int, pp: int, local_batch: int, model: Shape, cluster: Cluster,
