@@ -30,8 +30,6 @@ pytestmark = pytest.mark.slow
 
 FP32_TOLERANCE = 1e-5
 FOUR_LAYERS = ("--layers", "4", "--optimizer", "sgd", "--lr", "0.1")
-# Pipelines with data parallelism need equal batch widths across data-parallel peers for now.
-FIXED_WIDTH = ("--fixed-width",)
 
 MATRIX_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma3", "phi3", "olmo2", "gpt2", "roberta", "distilbert")
 # Each layout exercises every family's own pieces: tensor-parallel styles (Qwen3's and Gemma 3's
@@ -71,6 +69,12 @@ def assert_matches(result: dict, reference: dict) -> None:
     assert weights < FP32_TOLERANCE
 
 
+def assert_ranks_saw_different_widths(result: dict) -> None:
+    """Batches padded to their own longest row: in some step the data-parallel peers ran different widths."""
+    widths = [steps["widths"] for steps in result["steps_per_rank"]]
+    assert any(len(set(step)) > 1 for step in zip(*widths)), f"every step had one width on all ranks: {widths}"
+
+
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_every_family_matches_single_process(layout, tmp_path, reference_runs):
     devices, kwargs = LAYOUTS[layout]
@@ -88,9 +92,11 @@ def test_every_family_matches_single_process(layout, tmp_path, reference_runs):
 
 
 def test_llama_pipeline_data_and_tensor_parallel_on_8_ranks(tmp_path, reference_runs):
-    extra = ("--family", "llama", *FOUR_LAYERS, *FIXED_WIDTH)
+    extra = ("--family", "llama", *FOUR_LAYERS)
     layout = {"pipeline_parallel_size": 2, "data_parallel_size": 2, "tensor_parallel_size": 2, "microbatches": 4}
-    assert_matches(run_worker(tmp_path, devices=8, layout=layout, extra=extra), reference_runs(*extra))
+    result = run_worker(tmp_path, devices=8, layout=layout, extra=extra)
+    assert_matches(result, reference_runs(*extra))
+    assert_ranks_saw_different_widths(result)
 
 
 def test_causal_lm_data_parallel_counts_shifted_labels(tmp_path, reference_runs):
@@ -115,10 +121,12 @@ def test_tied_embeddings_across_pipeline_stages(tmp_path, reference_runs):
 
 def test_tied_embeddings_across_pipeline_and_data_parallel_with_clipping(tmp_path, reference_runs):
     """pp2×dp2, clipped by the global norm (the tied weight counted once, as in one process)."""
-    extra = (*TIED, *FIXED_WIDTH, "--clip", "0.05")
+    extra = (*TIED, "--clip", "0.05")
     layout = {"pipeline_parallel_size": 2, "data_parallel_size": 2, "microbatches": 2}
-    assert_matches(run_worker(tmp_path, devices=4, layout=layout, extra=extra), reference_runs(*extra))
-    unclipped = reference_runs(*TIED, *FIXED_WIDTH)
+    result = run_worker(tmp_path, devices=4, layout=layout, extra=extra)
+    assert_matches(result, reference_runs(*extra))
+    assert_ranks_saw_different_widths(result)
+    unclipped = reference_runs(*TIED)
     assert max_weight_difference(unclipped["state_dict"], reference_runs(*extra)["state_dict"]) > 1e-3
 
 
@@ -126,10 +134,11 @@ def test_causal_lm_validation_under_pipeline_and_data_parallelism(tmp_path, refe
     """Forward-only pipeline schedule, the model answering with the pipeline's logits, and the logged
     val_loss token-weighted over data-parallel ranks with shifted counts (22 rows: the last local batch
     is padded to the microbatches)."""
-    extra = ("--family", "llama", *FOUR_LAYERS, *FIXED_WIDTH, "--validate")
+    extra = ("--family", "llama", *FOUR_LAYERS, "--validate")
     layout = {"pipeline_parallel_size": 2, "data_parallel_size": 2, "microbatches": 2}
     result, reference = run_worker(tmp_path, devices=4, layout=layout, extra=extra), reference_runs(*extra)
     assert_matches(result, reference)
+    assert_ranks_saw_different_widths(result)
     assert result["validation"]["val_loss"] == pytest.approx(reference["validation"]["val_loss"], abs=FP32_TOLERANCE)
 
 
