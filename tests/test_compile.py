@@ -37,10 +37,11 @@ LAYOUTS = {
     # machine (the traced selective variant is checked eagerly below).
     "dp2": (2, {"data_parallel_size": 2, "activation_checkpointing": "full"}),
     # Tensor-parallel linears get 2-D inputs under compile (parallel/tensor.py, prepare_for_compile); without
-    # activation checkpointing and FSDP, which compile refuses with tensor parallelism (tests below).
-    "tp2": (2, {"data_parallel_size": 1, "tensor_parallel_size": 2}),
-    "tp2-loss-parallel": (2, {"data_parallel_size": 1, "tensor_parallel_size": 2, "loss_parallel": True}),
-    "dp2xtp2": (4, {"data_parallel_size": 2, "tensor_parallel_size": 2, "data_parallel_mode": "replicated"}),
+    # activation checkpointing and FSDP, which compile refuses with tensor parallelism (tests below). Replicated
+    # data parallelism leaves the blocks as tp2 alone has them (it all-reduces gradients after backward), so this
+    # layout is also the tp2 case; loss parallelism adds the vocabulary-parallel embedding and head.
+    "dp2xtp2-loss-parallel": (4, {"data_parallel_size": 2, "tensor_parallel_size": 2,
+                                  "data_parallel_mode": "replicated", "loss_parallel": True}),
     "pp2xtp2": (4, {"data_parallel_size": 1, "tensor_parallel_size": 2, "pipeline_parallel_size": 2}),
 }
 
