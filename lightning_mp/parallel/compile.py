@@ -15,7 +15,7 @@ a size, gets the same expression back, and its proxy refers to itself), and DTen
 3-D input. So the tensor-parallel linears in the blocks get 2-D inputs (``parallel/tensor.py``,
 ``prepare_for_compile``): one graph for every width, as without tensor parallelism (loss parallelism included:
 the head stays eager). Still refused
-(``config.py``), each failing inside torch:
+(``compile_limits.py``), each failing inside torch:
 
 - sequence parallelism: the linears' inputs are sharded on the sequence dimension, which flattening merges;
 - activation checkpointing: the traced recompute saves the DeviceMesh among its tensors (AssertionError in the

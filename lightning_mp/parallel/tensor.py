@@ -92,7 +92,7 @@ def prepare_for_compile(model: nn.Module, blocks: Iterable[nn.Module]) -> None:
     instead would view the DTensor again (tried: the same RecursionError). The layer keeps its class,
     parameters and state-dict keys; only this instance's ``forward`` changes. Under sequence parallelism the
     linears' inputs are sharded on the sequence dimension, which flattening would merge: that stays refused
-    (``config.py``).
+    (``compile_limits.py``).
 
     The first block's input must not be the view ``DTensor.to_local`` returns from a vocabulary-parallel
     embedding: its gradient would then reach DTensor's redistribution as a plain tensor. Each such

@@ -33,7 +33,7 @@ def candidates(model: Shape, cluster: Cluster, global_batch: int, seq: int,
     """Every layout worth considering, each with its memory, time and (if any) why it is rejected.
     ``loss_parallel``: whether it may be used (it turns the model's ``.logits`` into a sharded DTensor);
     ``compile``: the blocks will be compiled, which the strategy refuses with tensor parallelism together with
-    sequence parallelism, activation checkpointing or FSDP (``config.py``);
+    sequence parallelism, activation checkpointing or FSDP (``compile_limits.py``);
     ``replicated``: whether the replicated data-parallel mode may be used (not with FSDP settings)."""
     limit = cluster.device_memory_gb * 2**30 * cluster.usable_fraction
     found = []
@@ -131,7 +131,7 @@ class AutoLayout:
     sequence_length: int
     device_memory_gb: Optional[float] = None
     loss_parallel: bool = False  # may the planner shard the logits (the model's ``.logits`` become a DTensor)
-    compile: bool = False  # compiled blocks: with tensor parallelism, no SP, checkpointing or FSDP (config.py)
+    compile: bool = False  # compiled blocks: with tensor parallelism, no SP, checkpointing or FSDP (compile_limits.py)
     replicated: bool = True  # may pick data_parallel_mode="replicated" (False when FSDP settings were given)
 
     def __post_init__(self) -> None:
