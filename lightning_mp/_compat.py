@@ -97,6 +97,9 @@ queue_backward_callback = _execution_engine.queue_callback
 get_default_store = _require("torch.distributed.distributed_c10d", "_get_default_store")
 # What torch.compile did in this process (graphs captured, frames tried): tests and benchmarks bound recompiles.
 dynamo_counters = _require("torch._dynamo.utils", "counters")
+dynamo_config = _require("torch._dynamo", "config")
+if not hasattr(dynamo_config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+    raise _missing("torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint", "torch._dynamo")
 ScheduleForwardOnly = _require("torch.distributed.pipelining.schedules", "_ScheduleForwardOnly")
 EmptyStateDictLoadPlanner = _require("torch.distributed.checkpoint.default_planner", "_EmptyStateDictLoadPlanner")
 load_state_dict_without_planning = _require("torch.distributed.checkpoint.state_dict_loader", "_load_state_dict")

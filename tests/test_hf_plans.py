@@ -82,8 +82,9 @@ def test_mixture_of_experts_is_refused_under_tensor_parallelism(no_child_process
     config = AutoConfig.for_model("mixtral", vocab_size=96, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
                                   intermediate_size=64, num_hidden_layers=2, num_local_experts=4)
     module.model = AutoModelForCausalLM.from_config(config)
+    # Refused before launch, naming the model and its experts (transformers' style names vary by release).
     with pytest.raises(ValueError, match=r"tensor_parallel_size=2, but MixtralForCausalLM is a mixture-of-experts"
-                                         r" model \(4 experts; styles moe_tp_experts, packed_colwise\)"):
+                                         r" model \(4 experts[;)]"):
         fit(2, module, tensor_parallel_size=2)
 
 

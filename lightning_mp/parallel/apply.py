@@ -178,7 +178,7 @@ def _apply_axes(root: nn.Module, model: Optional[nn.Module], blocks: list[nn.Mod
     if config.checkpoint_mode:
         apply_activation_checkpointing(blocks, config.checkpoint_mode, owner, traced=config.compile)
     if config.compile:
-        apply_compile(blocks, owner)
+        apply_compile(blocks, owner, checkpointed=config.checkpoint_mode is not None)
     if dp_mesh is not None:
         apply_fsdp(root, model, blocks, dp_mesh, policy, config.fsdp_settings)
 

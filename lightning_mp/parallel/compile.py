@@ -52,16 +52,24 @@ from typing import Iterable, Optional
 
 from torch import nn
 
-from lightning_mp._compat import dynamo_counters
+from lightning_mp._compat import dynamo_config, dynamo_counters
 from lightning_mp.parallel.activation_checkpointing import train_without_cache
 
 # One graph serves every width (see the module docstring); measured in benchmarks/peers.py (the "ours+compile" rows).
 DYNAMIC_SHAPES = True
 
 
-def apply_compile(blocks: Iterable[nn.Module], owner: Optional[nn.Module] = None, backend: str = "inductor") -> None:
+def apply_compile(blocks: Iterable[nn.Module], owner: Optional[nn.Module] = None, backend: str = "inductor",
+                  checkpointed: bool = False) -> None:
     """Compile each block's call in place (its hooks included; FSDP's run outside the graph). ``owner`` is the
-    module that calls the blocks (e.g. a Hugging Face ``LlamaModel``); ``backend``: torch.compile's."""
+    module that calls the blocks (e.g. a Hugging Face ``LlamaModel``); ``backend``: torch.compile's;
+    ``checkpointed``: the blocks' forward calls ``torch.utils.checkpoint`` (traced activation checkpointing)."""
+    if checkpointed:
+        # transformers >= 5.25 routes attention through the ``kernels`` package, whose forward wrapper sets and
+        # restores a module-level variable. Inside a traced checkpoint that write is a side effect dynamo refuses
+        # (graph break), and the whole block then runs eagerly: nothing compiled. The write only selects which
+        # attention function the forward calls; the recompute in backward does not need it replayed.
+        dynamo_config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
     if owner is not None:
         # A Hugging Face decoder writes its KV cache at ``cache.layers[self.layer_idx]``: a per-block number the
         # graph would be specialized on, one compile per block. Training never reads the cache back.

@@ -106,9 +106,10 @@ def _moe_reason(model: nn.Module, styles: dict[str, str]) -> str | None:
     moe_styles = sorted({s for s in styles.values() if "moe" in s or "packed" in s})
     if experts is None and not moe_styles and not getattr(model, "ep_plan", None):
         return None
+    # The style names are transformers' and change between releases (5.25 dropped moe_tp_experts): shown, not relied on.
+    shown = f"; styles {', '.join(moe_styles)}" if moe_styles else ""
     return (
-        f"{type(model).__name__} is a mixture-of-experts model ({experts or '?'} experts; styles"
-        f" {', '.join(moe_styles) or 'none'}): routed experts are not supported under tensor or pipeline"
+        f"{type(model).__name__} is a mixture-of-experts model ({experts or '?'} experts{shown}): routed experts are not supported under tensor or pipeline"
         " parallelism by lightning_mp (no parity tests); use data parallelism (FSDP2) only"
     )
 
