@@ -130,10 +130,10 @@ def worker(name: str, out: str, steps: int) -> None:
     from lightning.pytorch.callbacks import Callback
     from torch.utils.data import DataLoader
     from transformers import LlamaConfig, LlamaForCausalLM
+    from workload import gather_per_rank
 
     from lightning_mp import ModelParallelStrategy
     from lightning_mp.planner.measure import SavedActivationBytes, _plain
-    from workload import gather_per_rank
 
     t, switches = LAYOUTS[name]
     vocab = MODEL["vocab"]

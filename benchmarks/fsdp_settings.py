@@ -69,9 +69,9 @@ def probe_worker(args: argparse.Namespace) -> None:
     from lightning.pytorch.callbacks import Callback
     from torch.distributed.tensor import DTensor
     from torch.utils.data import DataLoader
+    from workload import lightning_module, synthetic_rows
 
     from lightning_mp import ModelParallelStrategy
-    from workload import lightning_module, synthetic_rows
 
     Module = lightning_module(MODEL)
 

@@ -88,11 +88,11 @@ def worker(args: argparse.Namespace) -> None:
     import lightning as L
     import torch
     from lightning.pytorch.callbacks import Callback
+    from workload import gather_per_rank, hand_written_plan, lightning_module, model_flops_per_token, synthetic_rows
 
     from lightning_mp.parallel.compile import compile_counts
     from lightning_mp.planner.measure import local_state_bytes
     from lightning_mp.processes.launch import destroy_process_group_at_exit
-    from workload import gather_per_rank, hand_written_plan, lightning_module, model_flops_per_token, synthetic_rows
 
     # Every peer's job ends with a collective (the all_gather_object below); on gloo that can abort the process
     # at interpreter shutdown (see lightning_mp.processes). Our strategy registers this hook itself; the peers

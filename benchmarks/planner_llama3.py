@@ -11,8 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lightning_mp.planner import (Cluster, Layout, choose, memory, shape_from_config,  # noqa: E402
-                                  step_time)
+from lightning_mp.planner import Cluster, Layout, choose, memory, shape_from_config, step_time  # noqa: E402
 
 SEQ = 8192
 GPUS = (8, 64, 256, 512, 1024)

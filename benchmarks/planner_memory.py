@@ -109,10 +109,10 @@ def measure_in_this_process(name: str, family: str) -> tuple[list[dict], bool]:
     from torch.distributed.tensor import DTensor
     from torch.utils.data import DataLoader
     from transformers import BertConfig, BertForTokenClassification
+    from workload import gather_per_rank
 
     from lightning_mp import ModelParallelStrategy
     from lightning_mp.planner.measure import SavedActivationBytes, local_state_bytes
-    from workload import gather_per_rank
 
     devices, kwargs = LAYOUTS[name]
     if family == "bert":

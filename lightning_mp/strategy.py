@@ -32,23 +32,30 @@ from lightning_mp._compat import (
     set_module_device_mesh,
 )
 from lightning_mp.checkpoint.hooks import CheckpointHooks
-from lightning_mp.parallel.step_hooks import StepHooks
 from lightning_mp.checkpoint.pretrained import load_pending, meta_outside, pending_sources
+from lightning_mp.checkpoint.resume import ResumableLoader
 from lightning_mp.checkpoint.tied import tied_names
-from lightning_mp.config import (STRATEGY_PRESETS, FSDPSettings, MeshShape, ParallelConfig, check_precision,
-                                 progress_timeout_seconds)
-from lightning_mp.processes.watch import FailureWatch
-from lightning_mp.parallel.token_weighting import TokenWeighting
+from lightning_mp.config import (
+    STRATEGY_PRESETS,
+    FSDPSettings,
+    MeshShape,
+    ParallelConfig,
+    check_precision,
+    progress_timeout_seconds,
+)
 from lightning_mp.mesh import PIPELINE, build_device_mesh, host_group
+from lightning_mp.parallel.apply import PlannedModel, parallelize, resolve_plan, sync_metrics_over
 from lightning_mp.parallel.fsdp import is_parallelized
 from lightning_mp.parallel.grad_norm import clip_grad_norm_
 from lightning_mp.parallel.loss_parallel import unwrap_loss
-from lightning_mp.parallel.apply import PlannedModel, parallelize, resolve_plan, sync_metrics_over
+from lightning_mp.parallel.step_hooks import StepHooks
+from lightning_mp.parallel.token_weighting import TokenWeighting
 from lightning_mp.pipeline.steps import PipelineLoop
 from lightning_mp.planner import AutoLayout
-from lightning_mp.processes.launch import CheckModelThenLaunch, destroy_process_group_at_exit
 from lightning_mp.plans import ModelPlan, Style
-from lightning_mp.checkpoint.resume import ResumableLoader
+from lightning_mp.processes.launch import CheckModelThenLaunch, destroy_process_group_at_exit
+from lightning_mp.processes.watch import FailureWatch
+
 
 class ModelParallelStrategy(CheckpointHooks, StepHooks, ParallelStrategy):
     """FSDP2 × tensor parallel (× pipeline) for ordinary LightningModules.

@@ -1,44 +1,33 @@
-"""Shared helpers: run a worker script as its own multi-process job and load what rank 0 wrote."""
+"""Tiers, time limits and the fixtures every tier shares.
+
+A test's tier is its folder: ``unit/`` (one process, no launch: what a bare ``pytest`` runs), ``distributed/``
+(CPU ranks over gloo), ``e2e/`` (whole recipes, the wheel, the command line). Each tier gets its marker, so
+``pytest tests -m "not e2e"`` works too, and its own time limit (pytest-timeout): a hang fails that test with
+its stack, and the launcher (``helpers/launch.py``) kills the ranks it started.
+"""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-WORKERS = Path(__file__).parent / "workers"
-# Set by an in-process Trainer run; a child that inherited them would think torchrun had launched it.
-LAUNCH_VARIABLES = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK", "GROUP_RANK",
-                    "MASTER_ADDR", "MASTER_PORT")
+from helpers.launch import LAUNCH_VARIABLES, run_worker
+
+TIERS = {"unit": 120, "distributed": 900, "e2e": 1500}  # seconds per test, unless a test sets its own
 
 
-def clean_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES} | {
-        "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-
-
-def run_worker(tmp_path: Path, *, devices: int = 1, layout: dict | None = None, strategy: str = "lightning_mp",
-               extra: tuple[str, ...] = (), launcher: tuple[str, ...] = (), timeout: int = 300,
-               script: str = "train.py", layouts: list[dict] | None = None) -> dict | list[dict]:
-    """What rank 0 wrote. With ``layouts`` (train.py): one launch trains under each in turn; a list of results."""
-    out = tmp_path / f"result-{os.urandom(4).hex()}.pt"
-    choice = ("--layouts", json.dumps(layouts)) if layouts is not None else ("--layout", json.dumps(layout or {}))
-    cmd = [*(launcher or (sys.executable,)), str(WORKERS / script), "--out", str(out), "--devices", str(devices),
-           "--strategy", strategy, *choice, *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=clean_env(), cwd=tmp_path)
-    if proc.returncode != 0 or not out.exists():
-        raise AssertionError(f"worker failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return torch.load(out, weights_only=False)
-
-
-def max_weight_difference(a: dict, b: dict) -> float:
-    assert set(a) == set(b), f"state dict keys differ: {sorted(set(a) ^ set(b))}"
-    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    here = Path(__file__).parent
+    for item in items:
+        tier = Path(item.path).relative_to(here).parts[0]
+        if tier not in TIERS:
+            raise pytest.UsageError(f"{item.nodeid}: tests live in tests/{{{','.join(TIERS)}}}/, not tests/{tier}/")
+        item.add_marker(getattr(pytest.mark, tier))
+        if item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(TIERS[tier]))
 
 
 @pytest.fixture(scope="session")
@@ -95,11 +84,11 @@ def in_process_run(monkeypatch):
 @pytest.fixture
 def no_child_processes(monkeypatch):
     """If validation ever let a bad layout through, fail instead of forking pytest."""
-    from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+    from lightning_mp._compat import SubprocessScriptLauncher
 
     def refuse(self):
         raise AssertionError("child processes were launched before validation failed")
 
-    monkeypatch.setattr(_SubprocessScriptLauncher, "_call_children_scripts", refuse)
+    monkeypatch.setattr(SubprocessScriptLauncher, "_call_children_scripts", refuse)
     yield
     assert not torch.distributed.is_initialized(), "a process group was created"

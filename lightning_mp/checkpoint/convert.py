@@ -25,11 +25,11 @@ from lightning_mp.checkpoint.io import (
     META_FILE,
     MODEL_KEY,
     OPTIMIZER_KEY,
-    replace_atomically,
-    staging_path,
     is_sharded_checkpoint,
     read_full,
+    replace_atomically,
     save_full,
+    staging_path,
     without_single_process_warning,
 )
 

@@ -13,12 +13,11 @@ What goes into either form, and loading it into a live model, is ``state.py``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import contextlib
 import os
 import shutil
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 

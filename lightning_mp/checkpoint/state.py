@@ -38,13 +38,13 @@ from lightning_mp.checkpoint.io import (
     MODEL_KEY,
     OPTIMIZER_KEY,
     CheckpointMismatchError,
+    check_entries,
+    is_sharded_checkpoint,
     last_line,
+    read_full,
     require_checkpoint,
     shape_of,
     sharded_entries,
-    check_entries,
-    is_sharded_checkpoint,
-    read_full,
     without_single_process_warning,
 )
 from lightning_mp.checkpoint.tied import TiedNames, as_stored, stored_key, without_copies

@@ -22,12 +22,12 @@ from lightning_mp.mesh import DATA_REPLICATE, DATA_SHARD, PIPELINE, TENSOR, fsdp
 from lightning_mp.parallel.activation_checkpointing import apply_activation_checkpointing
 from lightning_mp.parallel.compile import apply_compile
 from lightning_mp.parallel.fsdp import apply_fsdp, mixed_precision_policy
-from lightning_mp.parallel.replicate import ReplicatedGradients, replicate
 from lightning_mp.parallel.loss_parallel import check_loss_parallel, with_sharded_head
+from lightning_mp.parallel.replicate import ReplicatedGradients, replicate
+from lightning_mp.parallel.tensor import apply_tensor_parallel, expand_globs, prepare_for_compile, present_globs
 from lightning_mp.pipeline.runtime import PipelineRuntime, build_pipeline, check_ties
 from lightning_mp.pipeline.sequence_shards import SequenceShardedStages
 from lightning_mp.pipeline.split import check_ownership, check_split_points, stage_blocks
-from lightning_mp.parallel.tensor import apply_tensor_parallel, expand_globs, prepare_for_compile, present_globs
 from lightning_mp.plans import ModelPlan, find_plan
 
 

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from lightning_mp.config import too_few_blocks
 from lightning_mp.plans import ModelPlan, PipelinePlan
 
+
 # ---------------------------------------------------------------- balancing
 @dataclass(frozen=True)
 class StageCosts:

@@ -7,13 +7,12 @@ from typing import Any
 
 import torch
 from lightning.pytorch.callbacks import Callback
-
-from lightning_mp._compat import is_traceable_wrapper_subclass
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.optim import Optimizer
 
+from lightning_mp._compat import is_traceable_wrapper_subclass
 from lightning_mp.parallel.activation_checkpointing import kept_output_watchers
 
 

@@ -82,7 +82,12 @@ def _sequence_parallel(model: nn.Module, prefix: str, blocks: str) -> dict[str, 
     to the hidden width does); the task head gathers. Only for the token and sequence classifiers (a bare
     BertModel would return sequence-sharded states)."""
     from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleOutput, RowwiseParallel, SequenceParallel
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        PrepareModuleOutput,
+        RowwiseParallel,
+        SequenceParallel,
+    )
 
     from lightning_mp.parallel.styles import GatherSequence
 

@@ -69,7 +69,12 @@ def _sequence_parallel(model: nn.Module, blocks: str) -> dict[str, Any] | None:
     rank's shard; the classifier gathers. Only for the token classifier (DistilBertModel would return
     sequence-sharded states; the other heads are not planned)."""
     from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleOutput, RowwiseParallel, SequenceParallel
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        PrepareModuleOutput,
+        RowwiseParallel,
+        SequenceParallel,
+    )
     from transformers import DistilBertForTokenClassification
 
     from lightning_mp.parallel.styles import GatherSequence

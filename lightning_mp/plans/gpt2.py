@@ -33,7 +33,7 @@ from lightning_mp.plans.hf import is_tied, own_code_pipeline
 def is_gpt2(module: nn.Module) -> bool:
     if sys.modules.get("transformers") is None:  # not imported means it cannot be a HF model
         return False
-    from transformers import GPT2Model, GPT2LMHeadModel
+    from transformers import GPT2LMHeadModel, GPT2Model
 
     return isinstance(module, (GPT2Model, GPT2LMHeadModel))
 

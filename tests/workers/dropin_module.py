@@ -3,9 +3,10 @@
 
 from __future__ import annotations
 
-from tiny_bert import TinyBertModule
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+from helpers.tiny_bert import TinyBertModule
 
 
 class DropInModule(TinyBertModule):

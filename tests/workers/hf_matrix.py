@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import lightning as L
+import torch
+from train import RecordLoss
 
-import lightning as L  # noqa: E402
-import torch  # noqa: E402
-import tiny_hf  # noqa: E402
-from train import RecordLoss  # noqa: E402
+from helpers import tiny_hf
 
 
 def train_one(family: str, args: argparse.Namespace, layout: dict) -> dict:

@@ -6,17 +6,12 @@ reads no entry points for strategies); a ``class_path`` needs no import. Rank 0 
 
 from __future__ import annotations
 
-import os
-import sys
+import lightning as L
+import torch
+from lightning.pytorch.cli import LightningCLI
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import lightning as L  # noqa: E402
-import torch  # noqa: E402
-from lightning.pytorch.cli import LightningCLI  # noqa: E402
-from tiny_bert import TinyBertModule, loader  # noqa: E402
-
-import lightning_mp  # noqa: E402,F401  registers the strategy names
+import lightning_mp  # noqa: F401  registers the strategy names
+from helpers.tiny_bert import TinyBertModule, loader
 
 
 class TinyData(L.LightningDataModule):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -18,12 +17,10 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from transformers import BertForTokenClassification
 
-sys.path.insert(0, str(Path(__file__).parent))
-from tiny_bert import SEQ, TokenDataset, tiny_config  # noqa: E402
-
-from lightning_mp.parallel.grad_norm import total_grad_norm  # noqa: E402
-from lightning_mp.pipeline.runtime import build_pipeline  # noqa: E402
-from lightning_mp.plans import find_plan  # noqa: E402
+from helpers.tiny_bert import SEQ, TokenDataset, tiny_config
+from lightning_mp.parallel.grad_norm import total_grad_norm
+from lightning_mp.pipeline.runtime import build_pipeline
+from lightning_mp.plans import find_plan
 
 LR = 1e-3
 

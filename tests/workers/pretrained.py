@@ -13,32 +13,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
 
-import lightning as L  # noqa: E402
-import torch  # noqa: E402
-from torch.utils.data import DataLoader, Dataset  # noqa: E402
-
-HEAD_SEED = 77  # the seed before from_pretrained: the new head's values depend on it
+from helpers.pretrained import HEAD_SEED, model_inputs
 
 
 def model_class(name: str):
     import transformers
 
     return getattr(transformers, name)
-
-
-def model_inputs(vocab: int, rows: int = 8, seq: int = 12) -> dict[str, torch.Tensor]:
-    """Deterministic inputs, without token_type_ids so BERT reads its (recomputed) token_type_ids buffer."""
-    g = torch.Generator().manual_seed(3)
-    ids = torch.randint(1, vocab, (rows, seq), generator=g)
-    mask = torch.ones(rows, seq, dtype=torch.long)
-    mask[::3, -4:] = 0  # some padding, so the attention mask matters
-    return {"input_ids": ids, "attention_mask": mask}
 
 
 class Rows(Dataset):

@@ -17,17 +17,14 @@ import argparse
 import json
 import os
 import signal
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-import lightning as L  # noqa: E402
-import torch  # noqa: E402
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint  # noqa: E402
-from tiny_bert import TinyBertModule, loader  # noqa: E402
-
-from lightning_mp import ModelParallelStrategy  # noqa: E402
-from lightning_mp.checkpoint.state import model_state  # noqa: E402
+from helpers.tiny_bert import TinyBertModule, loader
+from lightning_mp import ModelParallelStrategy
+from lightning_mp.checkpoint.state import model_state
 
 
 class ScheduledTinyBert(TinyBertModule):

@@ -14,19 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
 
-import lightning as L  # noqa: E402
-import torch  # noqa: E402
-import tiny_hf  # noqa: E402
-from lightning.pytorch.callbacks import Callback  # noqa: E402
-
-from lightning_mp import ModelParallelStrategy  # noqa: E402
-from lightning_mp.checkpoint.export import export_hf_model  # noqa: E402
-from lightning_mp.checkpoint.state import model_state  # noqa: E402
+from helpers import tiny_hf
+from lightning_mp import ModelParallelStrategy
+from lightning_mp.checkpoint.export import export_hf_model
+from lightning_mp.checkpoint.state import model_state
 
 
 class TiedLlama(tiny_hf.TinyHFModule):

@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from functools import partial
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
 
-import lightning as L  # noqa: E402
-import torch  # noqa: E402
-from lightning.pytorch.callbacks import Callback  # noqa: E402
-from tiny_bert import TinyBertModule, loader  # noqa: E402
+from helpers.tiny_bert import TinyBertModule, loader
 
 
 class RecordLoss(Callback):
@@ -151,7 +149,7 @@ def train(args: argparse.Namespace, layout: dict) -> tuple[dict, bool]:
     make_loader = partial(loader, all_labelled=args.all_labelled, variable_width=args.variable_width,
                           global_batch_size=args.batch_size)
     if args.family is not None:
-        import tiny_hf
+        from helpers import tiny_hf
 
         Module = partial(tiny_hf.TinyHFModule, args.family, layers=args.layers, optimizer=args.optimizer,
                          lr=args.lr, **json.loads(args.config))
@@ -217,10 +215,10 @@ def train(args: argparse.Namespace, layout: dict) -> tuple[dict, bool]:
         meta = stage_metadata(trainer.strategy._pipeline.runtime.stages[0])
         result["sent"] = (tuple(meta.inputs[0].shape), tuple(meta.outputs[0].shape))
     if args.strategy == "lightning_mp":
+        from torch.distributed._composable.contract import _get_registry
+
         from lightning_mp.checkpoint.state import model_state
         from lightning_mp.planner.measure import local_state_bytes
-
-        from torch.distributed._composable.contract import _get_registry
 
         result["state_dict"] = model_state(module, full=True, pipeline_group=trainer.strategy.pipeline_group)
         result["checkpointed"] = [n for n, m in module.named_modules() if "checkpoint" in (_get_registry(m) or {})]

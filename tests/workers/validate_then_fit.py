@@ -11,13 +11,11 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import lightning as L
+import torch
 
-import lightning as L  # noqa: E402
-import tiny_hf  # noqa: E402
-import torch  # noqa: E402
-
-from lightning_mp import ModelParallelStrategy  # noqa: E402
+from helpers import tiny_hf
+from lightning_mp import ModelParallelStrategy
 
 
 def main(out: str) -> None:
