@@ -3,7 +3,7 @@
 Underscore names carry no compatibility promise: a release may rename or remove any of them. Importing
 them in one place means an upgrade breaks here, at import time, with a message that names the missing
 name and the versions this module was written for, instead of somewhere deep inside a training step or
-(worse) by silently skipping work behind a ``hasattr``. ``tests/test_compat.py`` pins the versions and
+(worse) by silently skipping work behind a ``hasattr``. ``tests/unit/test_compat.py`` pins the versions and
 checks that every name below exists.
 
 Written for torch 2.13 and Lightning 2.6.

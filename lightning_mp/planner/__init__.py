@@ -6,16 +6,16 @@ Korthikanti et al. 2022 adjusted per family), ``time`` the step-time estimate, `
 
 from lightning_mp.planner.inputs import BYTES, PARAM_BYTES, Cluster, Layout, ModelShape, device_memory_gb
 from lightning_mp.planner.memory import (
-                                         Memory,
-                                         activation_bytes,
-                                         activation_bytes_per_rank,
-                                         chunk_size,
-                                         fullest_state_bytes,
-                                         in_flight,
-                                         memory,
-                                         stage_parts,
-                                         state_bytes,
-                                         switch_problems,
+    Memory,
+    activation_bytes,
+    activation_bytes_per_rank,
+    chunk_size,
+    fullest_state_bytes,
+    in_flight,
+    memory,
+    stage_parts,
+    state_bytes,
+    switch_problems,
 )
 from lightning_mp.planner.search import AutoLayout, Candidate, candidates, choose, format_table
 from lightning_mp.planner.shapes import DecoderShape, LayerActivations, shape_from_config

@@ -17,7 +17,7 @@ Every family runs tp2, pp2 (1f1b), dp2×tp2 and pp2×tp2, and tp2 and pp2×tp2 w
 too under those two). One multi-process launch per layout trains every
 family in turn in the same processes (``workers/hf_matrix.py``, one Trainer per family), against one
 single-process launch for all of them: starting 2-4 ranks costs as much as training a tiny model, and the
-suite runs on 2 cores. Adding a family is one line in ``tests/workers/tiny_hf.py`` and one in
+suite runs on 2 cores. Adding a family is one line in ``tests/helpers/tiny_hf.py`` and one in
 ``MATRIX_FAMILIES`` below.
 """
 
@@ -47,7 +47,7 @@ LAYOUTS = {
     "dp2xtp2": (4, {"data_parallel_size": 2, "tensor_parallel_size": 2}),
     "pp2xtp2": (4, {"pipeline_parallel_size": 2, "tensor_parallel_size": 2, "data_parallel_size": 1,
                     "microbatches": 4}),
-    # Sequence parallelism (tests/test_sequence_and_loss_parallel.py checks that the block outputs, and under a
+    # Sequence parallelism (tests/distributed/test_sequence_and_loss_parallel.py checks that the block outputs, and under a
     # pipeline what the stages send, are sequence shards); with a pipeline the stages send their shards.
     "tp2_sequence_parallel": (2, {"tensor_parallel_size": 2, "sequence_parallel": True}),
     "pp2xtp2_sequence_parallel": (4, {"pipeline_parallel_size": 2, "tensor_parallel_size": 2, "data_parallel_size": 1,

@@ -48,7 +48,7 @@ def test_loss_parallel_matches_single_process_with_sharded_logits(layout, refere
 
 # Sequence parallelism: norms, dropouts and the residual stream on sequence shards between the tensor-parallel
 # regions. With loss parallelism on too at dp2×tp2: the sequence-sharded final norm feeds the vocabulary-sharded head.
-# tp2 alone runs for every family with a plan in tests/test_hf_parity.py.
+# tp2 alone runs for every family with a plan in tests/distributed/test_hf_parity.py.
 # dp2xtp2_loss_parallel: LLAMA_LAYOUTS' sequence_parallel_dp2xtp2_loss_parallel. BERT: post-norm, residual inside
 # the attention/FFN output modules; AdamW, as the other BERT parity tests.
 BERT_SEQUENCE_PARALLEL = {"tensor_parallel_size": 2, "data_parallel_size": 2, "sequence_parallel": True}

@@ -1,5 +1,5 @@
-"""The causal-LM recipe end to end on a tiny random Llama: compose API in-process (one device), then the
-real command line under the layouts the README advertises, and generation from what it wrote."""
+"""The causal-LM recipe's checks in one process: bad overrides fail before anything loads, and the module loads a
+model directory through lightning_mp.from_pretrained (the recipe run end to end: ``tests/e2e/test_llm_recipe.py``)."""
 
 from __future__ import annotations
 

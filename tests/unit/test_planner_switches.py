@@ -1,7 +1,7 @@
 """The planner models sequence parallelism, loss parallelism and selective activation checkpointing: what
 selective checkpointing keeps is what the count says, the search turns the switches on only where the
 strategy accepts them, and layout="auto" hands its choice to the strategy. Real jobs with the switches on
-are in tests/test_planner_decoders.py::test_memory_model_matches_real_llama_jobs."""
+are in tests/distributed/test_planner_decoders.py::test_memory_model_matches_real_llama_jobs."""
 
 from __future__ import annotations
 

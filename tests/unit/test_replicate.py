@@ -1,7 +1,7 @@
 """The replicated data-parallel mode's gradient buckets, in one process (a gloo group of one rank):
 bucket assignment, all-reduces launched during backward in bucket order, gradients written back at the
-end of backward. Averages over real ranks are checked by the parity tests (tests/test_parity.py,
-tests/test_pipeline_parity.py)."""
+end of backward. Averages over real ranks are checked by the parity tests (tests/distributed/test_parity.py,
+tests/distributed/test_pipeline_parity.py)."""
 
 from __future__ import annotations
 

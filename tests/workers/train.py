@@ -94,7 +94,7 @@ def main() -> None:
     parser.add_argument("--all-labelled", action="store_true", help="every token labelled (equal counts per rank)")
     parser.add_argument("--layers", type=int, default=2, help="encoder layers of the tiny BERT")
     parser.add_argument("--validate", action="store_true", help="run a validation epoch after fitting")
-    parser.add_argument("--family", default=None, help="a tiny HF model of this family (tests/workers/tiny_hf.py)")
+    parser.add_argument("--family", default=None, help="a tiny HF model of this family (tests/helpers/tiny_hf.py)")
     parser.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"], help="with --family")
     parser.add_argument("--lr", type=float, default=1e-2, help="with --family")
     parser.add_argument("--fixed-width", action="store_true", help="with --family: pad every batch to full length")
