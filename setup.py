@@ -3,4 +3,5 @@ one is never left out of the wheel) plus conf/ and recipes/, mapped there to lig
 
 from setuptools import find_packages, setup
 
-setup(packages=find_packages(include=["lightning_mp", "lightning_mp.*"]) + ["lightning_mp.recipes", "lightning_mp.conf"])
+setup(packages=find_packages(include=["lightning_mp", "lightning_mp.*"])
+      + ["lightning_mp.recipes", "lightning_mp.conf"])

@@ -6,7 +6,8 @@ against the current default in the same round.
     python benchmarks/fsdp_settings.py --repeats 1 --skip-probe
 
 Same model, data and timing as ``benchmarks/peers.py`` (its default ``bert-small`` workload of
-benchmarks/workload.py: BERT token classifier, hidden 256, 4 layers, global batch 16 × 64, AdamW): the step times come from peers.py's own worker (its ``Case``/``run_case``/``summarize``;
+benchmarks/workload.py: BERT token classifier, hidden 256, 4 layers, global batch 16 × 64, AdamW): the step times
+come from peers.py's own worker (its ``Case``/``run_case``/``summarize``;
 a case's ``kwargs`` reach our strategy unchanged), so both tables measure the same thing. Rows:
 
   (a) reshard_after_forward "all" (the last block resharded too) against the default "except_last";

@@ -16,7 +16,8 @@ Models: ``--model`` picks a preset of benchmarks/workload.py (BERT token classif
 small CPU shapes to BERT-large and a 1.2 B Llama).
 
 Every job is run ``--repeats`` times, the repeats interleaved (round r runs every job once, starting r jobs
-later in the list), so that the machine's drifting load falls on all of them alike. Reported: the median step time of each job (after
+later in the list), so that the machine's drifting load falls on all of them alike.
+Reported: the median step time of each job (after
 warm-up), its ratio to ours in the same round (median over rounds, and the lowest and highest), the first
 step (where compile happens), tokens/s per device, MFU on known GPUs (model FLOPs by the PaLM convention ÷ the
 datasheet's dense bf16 peak), the per-rank bytes of parameters + optimizer state, and the per-rank peak memory
@@ -178,7 +179,8 @@ def run_case(case: Case, args: argparse.Namespace, shared: list[str], out: Path)
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
                               timeout=args.case_timeout or None)
     except subprocess.TimeoutExpired as error:
-        raise RuntimeError(f"{case} did not finish in {args.case_timeout} s:\n{(error.stderr or b'')[-2000:].decode(errors='replace')}") from None
+        raise RuntimeError(f"{case} did not finish in {args.case_timeout} s:\n"
+                           f"{(error.stderr or b'')[-2000:].decode(errors='replace')}") from None
     if proc.returncode != 0 or not out.exists():
         raise RuntimeError(f"{case} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     measured = json.loads(out.read_text())
@@ -233,7 +235,8 @@ def print_table(rows: list[dict]) -> None:
     print(header)
     print("-" * len(header))
     for row in rows:
-        spread = f"{row['step_time_vs_ours']:.2f} ({row['step_time_vs_ours_min']:.2f}-{row['step_time_vs_ours_max']:.2f})"
+        spread = (f"{row['step_time_vs_ours']:.2f}"
+                  f" ({row['step_time_vs_ours_min']:.2f}-{row['step_time_vs_ours_max']:.2f})")
         mfu = f"{row['mfu']:.1%}" if row["mfu"] is not None else "-"
         peak = row["peak_device_mib_per_rank"] if on_gpu else row["peak_rss_mib_per_rank"]
         base = next(r for r in rows if r["layout"] == row["layout"] and r["strategy"] == "ours")

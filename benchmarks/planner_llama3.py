@@ -27,8 +27,10 @@ MODELS = {
 # has neither with a pipeline (405B's runs are modelled without them).
 PUBLISHED = [
     ("llama3-70b", 256, 96, Layout(32, 8, 1, activation_checkpointing=True)),
-    ("llama3-70b", 256, 96, Layout(32, 8, 1, activation_checkpointing=True, sequence_parallel=True, loss_parallel=True)),
-    ("llama3-405b", 512, 96, Layout(8, 8, 8, microbatches=32, schedule="interleaved_1f1b", activation_checkpointing=True)),
+    ("llama3-70b", 256, 96, Layout(32, 8, 1, activation_checkpointing=True, sequence_parallel=True,
+                                   loss_parallel=True)),
+    ("llama3-405b", 512, 96, Layout(8, 8, 8, microbatches=32, schedule="interleaved_1f1b",
+                                    activation_checkpointing=True)),
     ("llama3-405b", 512, 96, Layout(8, 8, 8, microbatches=32, schedule="1f1b", activation_checkpointing=True)),
 ]
 
@@ -53,13 +55,15 @@ def rows(name: str, memory_gb: float = 80.0) -> list[str]:
             best, ranked = choose(model, cluster, batch, SEQ)
         except ValueError:
             smallest = memory(model, Layout(gpus, 1, 1), batch, SEQ, "bf16-mixed").state
-            lines.append(f"| {gpus} | nothing fits (state alone {gib(smallest)} GiB per GPU fully sharded) | | | | | | |")
+            lines.append(f"| {gpus} | nothing fits (state alone {gib(smallest)} GiB per GPU fully sharded)"
+                         " | | | | | | |")
             continue
         fits = [c for c in ranked if c.rejected is None]
         m = best.memory
         runner = fits[1] if len(fits) > 1 else None
         lines.append(f"| {gpus} | {best.layout.describe()} | {gib(m.state)} | {gib(m.activations)} | {gib(m.total)}"
-                     f" | {best.time.total:.1f} s | {runner.layout.describe() + f' ({runner.time.total:.1f} s)' if runner else '-'}"
+                     f" | {best.time.total:.1f} s"
+                     f" | {runner.layout.describe() + f' ({runner.time.total:.1f} s)' if runner else '-'}"
                      f" | {len(fits)} / {len(ranked)} |")
     return lines
 
@@ -73,14 +77,16 @@ def published() -> list[str]:
         t = step_time(model, layout, cluster, batch, SEQ)
         best, ranked = choose(model, cluster, batch, SEQ)
         rank = next((i for i, c in enumerate(ranked) if c.layout == layout), None)
-        lines.append(f"| {name} on {gpus} ({memory_gb} GB) | {layout.describe()} | {gib(m.state)} + {gib(m.activations)}"
+        lines.append(f"| {name} on {gpus} ({memory_gb} GB) | {layout.describe()}"
+                     f" | {gib(m.state)} + {gib(m.activations)}"
                      f" = {gib(m.total)} | {t.total:.1f} s | {best.layout.describe()} ({best.time.total:.1f} s,"
                      f" {gib(best.memory.total)} GiB) | {rank + 1 if rank is not None else '-'} |")
     return lines
 
 
 def main() -> None:
-    header = ("| GPUs | chosen layout | state GiB | activ GiB | total GiB | est. step | runner-up | fit / considered |\n"
+    header = ("| GPUs | chosen layout | state GiB | activ GiB | total GiB | est. step | runner-up"
+              " | fit / considered |\n"
               "|---:|---|---:|---:|---:|---:|---|---:|")
     for name in MODELS:
         print(f"\n### {name}, global batch {MODELS[name][1]} × {SEQ} tokens, bf16-mixed, 80 GB per GPU\n\n{header}")

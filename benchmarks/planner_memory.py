@@ -176,7 +176,8 @@ def measure(names: list[str], family: str = "bert") -> dict[str, dict]:
               "MASTER_PORT")
     env = {k: v for k, v in os.environ.items() if k not in launch}
     env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, __file__, "--worker", ",".join(names), "--family", family, "--out", str(out)],
+    proc = subprocess.run([sys.executable, __file__, "--worker", ",".join(names), "--family", family,
+                           "--out", str(out)],
                           capture_output=True, text=True, env=env, timeout=300 * len(names))
     if proc.returncode != 0:
         raise RuntimeError(f"{','.join(names)} failed:\n{proc.stderr[-3000:]}")

@@ -200,3 +200,10 @@ def fsdp_unit_settings(module: Any) -> dict[str, Any]:
     except AttributeError as error:
         raise _missing("FSDPState._states_to_{forward,backward}_prefetch / _fsdp_param_group.mp_policy",
                        "torch.distributed.fsdp._fully_shard") from error
+
+
+def fake_process_group_store() -> Any:
+    """A store for ``init_process_group("fake", ...)``: one process stands for rank r of a world of any size,
+    every collective a no-op (torch's own tests use it; ``FakeStore`` in ``torch.testing._internal``). Looked up
+    on use: importing it costs the test-support modules."""
+    return _require("torch.testing._internal.distributed.fake_pg", "FakeStore")()

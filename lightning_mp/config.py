@@ -57,7 +57,9 @@ PRECISIONS = {
 
 def check_precision(precision: str, pipeline_parallel_size: int = 1) -> None:
     if precision not in PRECISIONS:
-        raise ValueError(f"precision={precision!r} is not supported by lightning_mp; choose one of {', '.join(PRECISIONS)}.")
+        raise ValueError(
+            f"precision={precision!r} is not supported by lightning_mp; choose one of {', '.join(PRECISIONS)}."
+        )
     if precision == "16-mixed" and pipeline_parallel_size > 1:
         raise ValueError(
             "precision='16-mixed' scales the loss with a GradScaler around Lightning's backward, which the"
@@ -68,7 +70,9 @@ def check_precision(precision: str, pipeline_parallel_size: int = 1) -> None:
 def stages_per_rank(schedule: str) -> int:
     """Stages one pipeline rank holds: two for the interleaved and zero-bubble schedules, else one."""
     if schedule not in PIPELINE_SCHEDULES:
-        raise ValueError(f"pipeline_schedule={schedule!r} is unknown; valid schedules: {', '.join(PIPELINE_SCHEDULES)}.")
+        raise ValueError(
+            f"pipeline_schedule={schedule!r} is unknown; valid schedules: {', '.join(PIPELINE_SCHEDULES)}."
+        )
     return 2 if schedule in MULTI_STAGE_SCHEDULES else 1
 
 
@@ -313,7 +317,8 @@ def check_pipeline(config: ParallelConfig, num_blocks: int, local_batch_size: in
         )
     if local_batch_size is not None and local_batch_size % microbatches:
         raise ValueError(
-            f"the batch size per data-parallel rank, {local_batch_size}, is not divisible by microbatches={microbatches};"
+            f"the batch size per data-parallel rank, {local_batch_size}, is not divisible by"
+            f" microbatches={microbatches};"
             f" use a multiple of {microbatches}."
         )
 

@@ -196,7 +196,8 @@ class ModelParallelStrategy(CheckpointHooks, StepHooks, ParallelStrategy):
     @property
     def mesh_shape(self) -> MeshShape:
         if self._mesh_shape is None and self._auto is not None and not self._layout_chosen:
-            raise RuntimeError("layout='auto' is decided when the model is connected to the Trainer (fit/validate/...).")
+            raise RuntimeError("layout='auto' is decided when the model is connected to the Trainer"
+                               " (fit/validate/...).")
         if self._mesh_shape is None:
             self._mesh_shape = self.parallel_config.resolve(self.num_nodes * self.num_processes, self.num_processes)
         return self._mesh_shape

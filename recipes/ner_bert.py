@@ -3,7 +3,8 @@
     python recipes/ner_bert.py                                   # offline, CPU: MiniLM on WNUT-16
     python recipes/ner_bert.py trainer.devices=4 parallel.tensor=2
     python recipes/ner_bert.py model=bert-base model.name_or_path=/path/to/bert-base-cased
-    python recipes/ner_bert.py data.train_file=eng.train data.val_file=eng.testa data.test_file=eng.testb data.scheme=IOB1
+    python recipes/ner_bert.py data.train_file=eng.train data.val_file=eng.testa data.test_file=eng.testb \
+        data.scheme=IOB1
     python recipes/ner_bert.py -m parallel.tensor=1,2 trainer.devices=2
 
 With trainer.devices > 1 on one node the recipe starts its ranks itself (torchrun); across nodes, run

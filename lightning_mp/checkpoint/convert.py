@@ -71,7 +71,8 @@ def full_to_sharded(source: str | Path, target: str | Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m lightning_mp.checkpoint.convert", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m lightning_mp.checkpoint.convert",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("source", type=Path, help="a sharded checkpoint directory or a full checkpoint file")
     parser.add_argument("target", type=Path, help="where the other form is written")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing target")

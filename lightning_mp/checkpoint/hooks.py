@@ -1,5 +1,6 @@
 """The strategy's side of Lightning's checkpointing: which state goes into a checkpoint and how it is
-written and read (``io.py`` holds the formats, ``state.py`` the names). A mixin of ``ModelParallelStrategy``: it uses the
+written and read (``io.py`` holds the formats, ``state.py`` the names).
+A mixin of ``ModelParallelStrategy``: it uses the
 strategy's model, optimizers, collectives and ``pipeline_group``."""
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ class CheckpointHooks:
     def lightning_module_state_dict(self) -> dict[str, Any]:
         assert self.model is not None
         with self._failure_watch.paused():
-            return model_state(self.model, full=not self._save_distributed_checkpoint, pipeline_group=self.pipeline_group,
+            return model_state(self.model, full=not self._save_distributed_checkpoint,
+                               pipeline_group=self.pipeline_group,
                                tied=self._tied_names)
 
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:

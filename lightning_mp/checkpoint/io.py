@@ -147,7 +147,8 @@ def check_entries(path: Path, wanted: dict[str, Any], available: dict[str, tuple
     unexpected = sorted(set(available) - (everyone_wants if everyone_wants is not None else set(wanted)))
     problems = []
     if missing:
-        problems.append(f"missing {len(missing)} {what} entries: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+        problems.append(f"missing {len(missing)} {what} entries: {', '.join(missing[:8])}"
+                        f"{' ...' if len(missing) > 8 else ''}")
     if shapes:
         problems.append(f"{len(shapes)} with other shapes: {'; '.join(shapes[:5])}")
     if strict and unexpected:

@@ -174,7 +174,8 @@ def _untie_differing(model: nn.Module, names: dict[str, str], entries: dict) -> 
     return same
 
 
-def _tie(model: nn.Module, names: dict[str, str], initial: dict[str, Tensor], stored_twice: set[str]) -> list[tuple[str, ...]]:
+def _tie(model: nn.Module, names: dict[str, str], initial: dict[str, Tensor],
+         stored_twice: set[str]) -> list[tuple[str, ...]]:
     """Tie the meta model with transformers' own ``tie_weights`` (its rules: the source takes the target's
     place when only the target is stored, a group of three shares one source) and make every name of a tied
     group read the one stored entry, or share the one computed value. Returns the groups of tied FQNs."""

@@ -175,7 +175,8 @@ def load_into(path: Path, model: nn.Module, optimizers: list[Optimizer], strict:
         set_model_state_dict(model, loaded_model, options=StateDictOptions(strict=strict))
         for index, optimizer in enumerate(optimizers):
             loaded = _as_live(live_optim[index], state[f"optimizer_{index}"], tied, optimizer=True)
-            set_optimizer_state_dict(model, optimizer, loaded, options=StateDictOptions(flatten_optimizer_state_dict=True))
+            set_optimizer_state_dict(model, optimizer, loaded,
+                                     options=StateDictOptions(flatten_optimizer_state_dict=True))
         return rest
     checkpoint = read_full(path, weights_only)
     weights = checkpoint.pop(MODEL_KEY)

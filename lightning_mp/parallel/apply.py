@@ -54,7 +54,8 @@ def resolve_plan(module: nn.Module, user_plan: Optional[ModelPlan], shape: MeshS
                 " or parallelize the model yourself in `configure_model` using `self.device_mesh`."
             )
         if shape.pipeline > 1:
-            raise ValueError(_no_pipeline_plan(shape, f"no plan is known for the models inside {type(module).__name__}"))
+            raise ValueError(_no_pipeline_plan(shape,
+                                               f"no plan is known for the models inside {type(module).__name__}"))
         if config.compile:
             raise ValueError(_no_blocks_to_compile(f"no plan is known for the models inside {type(module).__name__}"))
         return None

@@ -52,7 +52,8 @@ class StepHooks:
         batch, rest = split_step_arguments(args, kwargs)
         self._observe(batch)
         # Loss parallelism: the schedule runs the loss and its backward inside the step.
-        with context(), self._token_weighting.reducing_logged_values(module), loss_parallel_context(self._loss_parallel):
+        with (context(), self._token_weighting.reducing_logged_values(module),
+              loss_parallel_context(self._loss_parallel)):
             if hook != "training_step":
                 return self._pipeline.evaluation_step(module, getattr(module, hook), batch, *rest)
             # The schedule runs backward itself, so it applies what Lightning's backward would: the

@@ -45,7 +45,8 @@ def _matches(paths: list[str], pattern: str) -> list[str]:
     return [
         path
         for path in paths
-        if len(path.split(".")) == len(parts) and all(fnmatchcase(atom, want) for atom, want in zip(path.split("."), parts))
+        if len(path.split(".")) == len(parts) and all(fnmatchcase(atom, want)
+                                                      for atom, want in zip(path.split("."), parts))
     ]
 
 

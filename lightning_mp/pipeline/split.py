@@ -202,7 +202,8 @@ def check_ownership(model: nn.Module, plan: ModelPlan) -> list[tuple[str, str]]:
     for key, parts in parts_of_tensor.items():
         if parts == {"first", "last"}:
             names = names_of_tensor[key]
-            ties.append((next(n for n in names if part_of(n) == "first"), next(n for n in names if part_of(n) == "last")))
+            ties.append((next(n for n in names if part_of(n) == "first"),
+                         next(n for n in names if part_of(n) == "last")))
         elif len(parts) > 1:
             other.append(names_of_tensor[key])
     if other:
@@ -277,7 +278,8 @@ def _pruned_copy(model: nn.Module, plan: ModelPlan, keep_first: bool, keep_last:
         setattr(parent, attr, nn.ModuleDict({str(i): by_index[i] for i in blocks}))
         memo: dict[int, Any] = {}
         if share:
-            containers = {"", plan.blocks, *(plan.blocks.rsplit(".", k)[0] for k in range(1, plan.blocks.count(".") + 1))}
+            containers = {"", plan.blocks,
+                          *(plan.blocks.rsplit(".", k)[0] for k in range(1, plan.blocks.count(".") + 1))}
             memo = {id(m): m for name, m in model.named_modules() if name not in containers}
             memo.update((id(t), t) for t in itertools.chain(model.parameters(), model.buffers()))
         pruned = copy.deepcopy(model, memo)

@@ -6,7 +6,8 @@ the model (this rank's shell, see ``split.py``) answers every call with the outp
 pipeline computed for that microbatch, in the form its own ``forward`` returns
 (``PipelinePlan.model_output``: a Hugging Face output with ``.loss`` from ``labels``). The loss the step
 returns is weighted by the microbatch's share of the labelled tokens and backpropagated by the schedule;
-Lightning's own backward is replaced by handing over those gradients (see ``hand_over_gradients``). ``self.log`` calls made inside are collected, combined over the
+Lightning's own backward is replaced by handing over those gradients (see ``hand_over_gradients``).
+``self.log`` calls made inside are collected, combined over the
 microbatches with the same weights, sent to every pipeline rank and logged once on each, so reductions
 (``sync_dist``) stay collective and the logger sees one value per step (``relay.py``: one tensor
 broadcast per step, names only when they change; nothing in a step waits for the device).
@@ -223,7 +224,9 @@ class PipelineLoop:
             )
         name = self.runtime.pipeline.input_name
         if not isinstance(batch.get(name), Tensor):
-            raise ValueError(f"the pipeline's first stage needs the batch entry {name!r}; the batch has {sorted(batch)}.")
+            raise ValueError(
+                f"the pipeline's first stage needs the batch entry {name!r}; the batch has {sorted(batch)}."
+            )
         return batch
 
     def _model_inputs(self, batch: Mapping[str, Any], size: int) -> dict[str, Tensor]:
@@ -287,7 +290,9 @@ def _captured_logs(module: Any) -> Iterator[dict[str, tuple[Tensor, dict]]]:
     def record(name: str, value: Any, **kwargs: Any) -> None:
         if isinstance(value, Tensor):
             if value.numel() != 1:
-                raise ValueError(f"self.log({name!r}) needs a scalar under pipeline parallelism; got shape {tuple(value.shape)}.")
+                raise ValueError(
+                    f"self.log({name!r}) needs a scalar under pipeline parallelism; got shape {tuple(value.shape)}."
+                )
             value = value.detach().float().reshape(())
         elif isinstance(value, (int, float)):
             value = torch.tensor(float(value), device=device)

@@ -22,7 +22,8 @@
 
   replicated over tensor ranks: the layer input (shared by q, k, v), two LayerNorm inputs and the FFN
   input; split over tensor ranks: q, k, v and the attention output (whose head-merged view is the
-  attention-out input: same storage), the FFN activation's input and output, and the log-sum-exp. This is Korthikanti et al. 2022 ("Reducing
+  attention-out input: same storage), the FFN activation's input and output, and the log-sum-exp.
+  This is Korthikanti et al. 2022 ("Reducing
   Activation Recomputation in Large Transformer Models", eq. 2: ``s·b·h·(10 + 24/t + 5·a·s/(h·t))``
   bytes at 16 bits) adjusted for BERT: post-LN, GELU FFN of width i, no stored attention scores with
   fused attention, and the element size of the compute dtype. Dropout (p > 0) adds one byte per element

@@ -102,7 +102,8 @@ class DecoderShape:
 
     def __post_init__(self) -> None:
         if self.heads % self.kv_heads:
-            raise ValueError(f"{self.family}: {self.heads} attention heads are not a multiple of {self.kv_heads} KV heads.")
+            raise ValueError(f"{self.family}: {self.heads} attention heads are not a multiple of"
+                             f" {self.kv_heads} KV heads.")
         if not self.head_dim:
             object.__setattr__(self, "head_dim", self.hidden // self.heads)
 
@@ -114,7 +115,8 @@ class DecoderShape:
             raise ValueError(f"the planner does not know the layer of model_type={family!r}; it plans"
                              f" {', '.join(['bert', *FAMILIES])}.")
         knobs = dict(FAMILIES[family])
-        attention_bias, mlp_bias = bool(getattr(config, "attention_bias", False)), bool(getattr(config, "mlp_bias", False))
+        attention_bias, mlp_bias = (bool(getattr(config, "attention_bias", False)),
+                                    bool(getattr(config, "mlp_bias", False)))
         for key, default in (("qkv_bias", attention_bias), ("out_bias", attention_bias), ("mlp_bias", mlp_bias)):
             knobs[key] = default if knobs[key] is None else knobs[key]
         activation = getattr(config, "hidden_act", "silu")

@@ -6,7 +6,8 @@ share of a microbatch (small matrix products run far below peak), stretched by t
 ``(p-1)/(v·m+p-1)``; tensor parallelism adds 4 ring all-reduces of ``s·b·h`` per layer and microbatch
 inside a node (sequence parallelism: the same volume as all-gathers and reduce-scatters, twice the calls)
 and, for a vocabulary-sharded head without loss parallelism, the all-gather of the logits (``s·b·V``;
-loss parallelism replaces it by three all-reduces of ``s·b`` numbers); pipeline parallelism sends activations and their gradients across each stage boundary;
+loss parallelism replaces it by three all-reduces of ``s·b`` numbers); pipeline parallelism sends activations
+and their gradients across each stage boundary;
 FSDP adds an all-gather in forward and backward and a reduce-scatter of every parameter shard, over the
 link the data-parallel group spans (hybrid: shard inside a node, all-reduce across nodes); the replicated
 mode one bucketed all-reduce of the gradients (``data_parallel_time``). Every

@@ -109,7 +109,8 @@ def _moe_reason(model: nn.Module, styles: dict[str, str]) -> str | None:
     # The style names are transformers' and change between releases (5.25 dropped moe_tp_experts): shown, not relied on.
     shown = f"; styles {', '.join(moe_styles)}" if moe_styles else ""
     return (
-        f"{type(model).__name__} is a mixture-of-experts model ({experts or '?'} experts{shown}): routed experts are not supported under tensor or pipeline"
+        f"{type(model).__name__} is a mixture-of-experts model ({experts or '?'} experts{shown}): routed experts"
+        " are not supported under tensor or pipeline"
         " parallelism by lightning_mp (no parity tests); use data parallelism (FSDP2) only"
     )
 
@@ -210,7 +211,8 @@ def _sequence_parallel_plan(model: nn.Module, styles: dict[str, str], blocks: st
     final = [path for path in (model.pp_plan or {}) if path not in (blocks, embedding, head)
              and isinstance(model.get_submodule(path), nn.Module) and not isinstance(model.get_submodule(path),
                                                                                     (nn.ModuleList, nn.Embedding))]
-    plan.update({path: SequenceParallel() for path in final if any(True for _ in model.get_submodule(path).parameters())})
+    plan.update({path: SequenceParallel() for path in final
+                 if any(True for _ in model.get_submodule(path).parameters())})
     return plan
 
 

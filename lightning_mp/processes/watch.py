@@ -165,7 +165,8 @@ class FailureWatch:
     def _print_stack(self, header: str) -> None:
         frame = sys._current_frames().get(threading.main_thread().ident)
         lines = "".join(traceback.format_stack(frame)) if frame is not None else "  (main thread not running)\n"
-        sys.stderr.write(f"\n[lightning_mp] {header}\n[lightning_mp] rank {self._rank} main thread (most recent call last):\n"
+        sys.stderr.write(f"\n[lightning_mp] {header}\n"
+                         f"[lightning_mp] rank {self._rank} main thread (most recent call last):\n"
                          f"{lines}")
         sys.stderr.flush()
 

@@ -26,7 +26,8 @@ class TokensPerSecond(L.Callback):
         self._events: Optional[tuple[Any, Any]] = None
         self._pending: Optional[tuple[Any, Any, torch.Tensor]] = None  # the last CUDA step: events and tokens
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
         if pl_module.device.type == "cuda":
             start = torch.cuda.Event(enable_timing=True)
             start.record()

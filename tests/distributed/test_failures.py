@@ -72,7 +72,8 @@ def test_a_stuck_job_ends_itself_and_names_the_stuck_rank(tmp_path):
     assert elapsed < 60, elapsed  # 10 s without progress, then the report
     report = re.search(r"\[lightning_mp\] stopping rank \d: no rank completed a training step or evaluation batch"
                        r" for \d+ s \(progress_timeout=10 s\): rank 1 is where no other rank is .*"
-                       r"rank 1: 1 steps completed, at all_reduce .*called from training_step \(.*stuck\.py:\d+\)", stderr)
+                       r"rank 1: 1 steps completed, at all_reduce .*called from training_step \(.*stuck\.py:\d+\)",
+                       stderr)
     assert report, stderr[-4000:]
     # Every rank stops and prints where its main thread was: rank 1 in the side all-reduce.
     assert set(re.findall(r"\[lightning_mp\] stopping rank (\d)", stderr)) == {"0", "1", "2", "3"}

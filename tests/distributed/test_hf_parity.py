@@ -47,8 +47,8 @@ LAYOUTS = {
     "dp2xtp2": (4, {"data_parallel_size": 2, "tensor_parallel_size": 2}),
     "pp2xtp2": (4, {"pipeline_parallel_size": 2, "tensor_parallel_size": 2, "data_parallel_size": 1,
                     "microbatches": 4}),
-    # Sequence parallelism (tests/distributed/test_sequence_and_loss_parallel.py checks that the block outputs, and under a
-    # pipeline what the stages send, are sequence shards); with a pipeline the stages send their shards.
+    # Sequence parallelism (tests/distributed/test_sequence_and_loss_parallel.py checks that the block outputs,
+    # and under a pipeline what the stages send, are sequence shards); with a pipeline the stages send their shards.
     "tp2_sequence_parallel": (2, {"tensor_parallel_size": 2, "sequence_parallel": True}),
     "pp2xtp2_sequence_parallel": (4, {"pipeline_parallel_size": 2, "tensor_parallel_size": 2, "data_parallel_size": 1,
                                       "microbatches": 4, "sequence_parallel": True}),
@@ -162,7 +162,8 @@ def test_validate_then_fit_under_pipeline_and_data_parallelism_trains_the_sharde
     from helpers.launch import WORKERS
 
     out = tmp_path / "result.json"
-    proc = run_job([sys.executable, str(WORKERS / "validate_then_fit.py"), str(out)], timeout=600, cwd=tmp_path, check=False)
+    proc = run_job([sys.executable, str(WORKERS / "validate_then_fit.py"), str(out)], timeout=600, cwd=tmp_path,
+                   check=False)
     assert proc.returncode == 0 and out.exists(), proc.stderr[-4000:]
     result = json.loads(out.read_text())
     assert result["foreign_optimizer_parameters"] == [0, 0, 0, 0]

@@ -89,7 +89,8 @@ PP2_TP2 = {"pipeline_parallel_size": 2, "tensor_parallel_size": 2, "data_paralle
 @pytest.mark.parametrize("name", list(PIPELINED))
 def test_sequence_parallel_under_a_pipeline_sends_sequence_shards(name, tmp_path, reference_runs):
     extra = PIPELINED[name]
-    result = run_worker(tmp_path, devices=4, layout={**PP2_TP2, "sequence_parallel": True}, extra=(*extra, "--probe-sent"))
+    result = run_worker(tmp_path, devices=4, layout={**PP2_TP2, "sequence_parallel": True},
+                        extra=(*extra, "--probe-sent"))
     reference = reference_runs(*extra)
     assert_matches(result, reference, f"sequence parallel ({name})")
     (rows, width), sent = result["sent"]

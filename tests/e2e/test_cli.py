@@ -8,19 +8,19 @@ import subprocess
 import sys
 from pathlib import Path
 
-from helpers.launch import ROOT, clean_env, run_job
+from helpers.launch import ROOT, run_job
 
 
 def lightning_mp(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return run_job([sys.executable, "-m", "lightning_mp", *args], cwd=cwd,
-                          timeout=300, env=clean_env(), check=False)
+    return run_job([sys.executable, "-m", "lightning_mp", *args], cwd=cwd, timeout=300, check=False)
 
 
 def test_run_passes_config_path_multirun_and_overrides_to_hydra(tmp_path):
     assert lightning_mp("cp", "plan", "my_conf", cwd=tmp_path).returncode == 0
     edited = tmp_path / "my_conf" / "plan.yaml"
     edited.write_text(edited.read_text().replace("device_memory_gb: 80", "device_memory_gb: 40"))
-    result = lightning_mp("run", "plan", "--config-path", "my_conf", "-m", "trainer.devices=2,4", "show=1", cwd=tmp_path)
+    result = lightning_mp("run", "plan", "--config-path", "my_conf", "-m", "trainer.devices=2,4", "show=1",
+                          cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 devices (2 per node × 1 nodes, 40 GB each)" in result.stdout
     assert "4 devices (4 per node × 1 nodes, 40 GB each)" in result.stdout

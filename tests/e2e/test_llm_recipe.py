@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers.launch import ROOT, clean_env, run_job
+from helpers.launch import ROOT, run_job
 from helpers.llm_tiny import recipe_llama_dir
 from helpers.recipes import compose_config
 from lightning_mp.tasks.llm.recipe import check_config, run_sft
@@ -42,7 +42,8 @@ def test_recipe_evaluates_trains_exports_and_answers(tmp_path, tiny_model, in_pr
     best = next((tmp_path / "checkpoints").glob("best-*.ckpt"))
     for source in (export, best):  # an exported directory and a checkpoint answer the same
         answered = run_job([sys.executable, str(ROOT / "recipes" / "llm_generate.py"), str(source), "Hello",
-                                   "--max-new-tokens", "4", *(["--tokenizer", str(tiny_model)] if source == best else [])], timeout=300, env=clean_env(), check=False)
+                            "--max-new-tokens", "4", *(["--tokenizer", str(tiny_model)] if source == best else [])],
+                           timeout=300, check=False)
         assert answered.returncode == 0, answered.stderr[-3000:]
         assert answered.stdout.startswith(f"Hello\n  -> {generations['answers'][0]['after']}".rstrip())
 
@@ -62,6 +63,7 @@ def run_command_line(tmp_path: Path, model: Path, *overrides: str) -> str:
 ], ids=["tp3", "pp2", "pp2xdp2"])
 def test_recipe_runs_under_the_advertised_layouts(tmp_path, tiny_model, layout):
     stdout = run_command_line(tmp_path, tiny_model, *layout)
-    before, after = (float(x) for x in stdout.strip().splitlines()[-1].removeprefix("held-out perplexity ").split(" -> "))
+    before, after = (float(x)
+                     for x in stdout.strip().splitlines()[-1].removeprefix("held-out perplexity ").split(" -> "))
     assert after < before
     assert (tmp_path / "run" / "hf_model" / "config.json").is_file()

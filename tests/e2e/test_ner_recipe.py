@@ -39,14 +39,14 @@ def test_recipe_trains_tests_and_exports(tmp_path, in_process_run):
         assert torch.allclose(model(input_ids=ids).logits, reference.eval()(input_ids=ids).logits, atol=1e-6)
 
     predicted = run_job([sys.executable, str(ROOT / "recipes" / "ner_predict.py"), str(export)],
-                               input="Obama visited Paris\n", timeout=120,
-                               env=clean_env(), check=False)
+                        input="Obama visited Paris\n", timeout=120, check=False)
     assert predicted.returncode == 0, predicted.stderr
     assert predicted.stdout.startswith("Obama visited Paris\n  -> ")
 
 
 def test_unknown_model_size_lists_the_valid_ones(tmp_path):
-    result = run_job([sys.executable, str(ROOT / "recipes" / "ner_bert.py"), "model=bert-huge"], cwd=tmp_path, timeout=120, check=False)
+    result = run_job([sys.executable, str(ROOT / "recipes" / "ner_bert.py"), "model=bert-huge"], cwd=tmp_path,
+                     timeout=120, check=False)
     assert result.returncode != 0
     assert "Could not find 'model/bert-huge'" in result.stderr
     assert "bert-base" in result.stderr and "minilm" in result.stderr

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import sys
 
-from helpers.launch import ROOT, clean_env, run_job
+from helpers.launch import ROOT, run_job
 
 
 def test_plan_command_prints_the_table_for_a_decoder(tmp_path):
     result = run_job([sys.executable, str(ROOT / "recipes" / "plan.py"), "model=llama3-70b", "trainer.devices=8",
-                             "trainer.num_nodes=32", "device_memory_gb=80", "seq_len=8192"], cwd=tmp_path, timeout=300, env=clean_env(), check=False)
+                      "trainer.num_nodes=32", "device_memory_gb=80", "seq_len=8192"], cwd=tmp_path, timeout=300,
+                     check=False)
     assert result.returncode == 0, result.stderr
     assert "llama3-70b: 70,554M parameters, 256 devices" in result.stdout
     assert "chosen: dp=" in result.stdout and "would cross nodes" in result.stdout

@@ -42,13 +42,15 @@ def free_port() -> int:
 
 
 def run_job(cmd: Sequence[str], *, timeout: float, cwd: Path | None = None, env: dict[str, str] | None = None,
-            check: bool = True) -> subprocess.CompletedProcess:
+            check: bool = True, input: str | None = None) -> subprocess.CompletedProcess:
     """Run ``cmd`` to its end (stdout and stderr captured); on a timeout or any interruption kill its whole
-    process group. ``check``: a non-zero exit raises AssertionError with the command and the end of its output."""
-    proc = subprocess.Popen(list(map(str, cmd)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
-                            env=env or clean_env(), start_new_session=True)
+    process group. ``check``: a non-zero exit raises AssertionError with the command and the end of its output;
+    ``input``: written to its standard input."""
+    proc = subprocess.Popen(list(map(str, cmd)), stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd, env=env or clean_env(),
+                            start_new_session=True)
     try:
-        stdout, stderr = proc.communicate(timeout=timeout)
+        stdout, stderr = proc.communicate(input, timeout=timeout)
     except BaseException:
         kill_group(proc)
         raise
@@ -58,7 +60,8 @@ def run_job(cmd: Sequence[str], *, timeout: float, cwd: Path | None = None, env:
     return done
 
 
-def start_job(cmd: Sequence[str], *, cwd: Path | None = None, env: dict[str, str] | None = None, **popen: object) -> subprocess.Popen:
+def start_job(cmd: Sequence[str], *, cwd: Path | None = None, env: dict[str, str] | None = None,
+              **popen: object) -> subprocess.Popen:
     """A job the test watches while it runs (signals, progress files); stop it with ``kill_group``."""
     return subprocess.Popen(list(map(str, cmd)), cwd=cwd, env=env or clean_env(), start_new_session=True,
                             **popen)  # type: ignore[arg-type]

@@ -46,7 +46,8 @@ def test_truncated_and_corrupted_checkpoints_name_the_file(tmp_path):
     with pytest.raises(CheckpointMismatchError, match=rf"cannot read the sharded checkpoint {sharded}"):
         load_into(sharded, tiny_module(), [], strict=True)
     (sharded / ".metadata").unlink()
-    with pytest.raises(CheckpointMismatchError, match=r"not a complete sharded checkpoint: its .metadata file is missing"):
+    with pytest.raises(CheckpointMismatchError,
+                       match=r"not a complete sharded checkpoint: its .metadata file is missing"):
         load_into(sharded, tiny_module(), [], strict=True)
 
 

@@ -48,7 +48,8 @@ def test_the_grep_sees_what_it_is_meant_to_see():
 
 def test_private_attribute_calls_outside_the_fence():
     """Private attributes reached through aliases (``dist._x``, ``mesh._flatten``) go through the fence too."""
-    names = ("_flatten", "_get_default_store", "_ScheduleForwardOnly", "_initialize_stage", "_stage_forward_initialized",
+    names = ("_flatten", "_get_default_store", "_ScheduleForwardOnly", "_initialize_stage",
+             "_stage_forward_initialized",
              "_stages_forward_initialized", "_optimizer", "_device_mesh", "_foreach_", "_EmptyStateDictLoadPlanner",
              "_load_state_dict", "_composable")
     offenders = []

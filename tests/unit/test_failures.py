@@ -31,7 +31,8 @@ def test_progress_timeout_defaults_below_the_process_group_timeout_and_rejects_b
 
 
 def test_the_report_names_the_rank_that_is_behind_or_elsewhere():
-    assert _suspects({0: (5, "a"), 1: (4, "b"), 2: (5, "a")}, []) == " rank 1 is behind (4 steps completed, the others more);"
+    assert _suspects({0: (5, "a"), 1: (4, "b"), 2: (5, "a")}, []) == \
+        " rank 1 is behind (4 steps completed, the others more);"
     assert _suspects({0: (4, "gather"), 1: (4, "side"), 2: (4, "gather"), 3: (4, "gather")}, []) == \
         " rank 1 is where no other rank is (most likely holding the others up);"
     assert _suspects({0: (4, "send"), 1: (4, "recv")}, []) == ""  # two ranks, two places: no majority to go by

@@ -39,7 +39,8 @@ def test_stages_reproduce_the_unsplit_forward(family):
     reference = model(**batch)
     _, _, plan = find_plan(model)
     assert plan.shifted_labels == (task == "causal")
-    first, last = (build_rank_modules(model, plan, {i: blocks}, 2)[1][0] for i, blocks in enumerate([range(2), range(2, 4)]))
+    first, last = (build_rank_modules(model, plan, {i: blocks}, 2)[1][0]
+                   for i, blocks in enumerate([range(2), range(2, 4)]))
     assert {n for n, _ in first.named_parameters()} | {n for n, _ in last.named_parameters()} == \
         {n for n, _ in model.named_parameters()}
     inputs = {"attention_mask": batch["attention_mask"]}
@@ -78,7 +79,8 @@ def test_mixture_of_experts_is_refused_under_tensor_parallelism(no_child_process
     module = tiny_hf.TinyHFModule("llama", layers=2)
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.for_model("mixtral", vocab_size=96, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+    config = AutoConfig.for_model("mixtral", vocab_size=96, hidden_size=32, num_attention_heads=4,
+                                  num_key_value_heads=2,
                                   intermediate_size=64, num_hidden_layers=2, num_local_experts=4)
     module.model = AutoModelForCausalLM.from_config(config)
     # Refused before launch, naming the model and its experts (transformers' style names vary by release).
@@ -113,7 +115,8 @@ def test_causal_lm_without_a_plan_is_refused_under_tensor_parallelism(no_child_p
 def test_tie_across_stages_on_one_rank_is_refused_before_launch(no_child_processes):
     module = tiny_hf.TinyHFModule("llama", layers=4, tie_word_embeddings=True)
     with pytest.raises(ValueError, match=r"LlamaForCausalLM ties model.embed_tokens.weight to lm_head.weight, and"
-                                         r" schedule 'zbv_zero_bubble' puts the first and the last stage on the same rank"):
+                                         r" schedule 'zbv_zero_bubble' puts the first and the last stage"
+                                         r" on the same rank"):
         fit(2, module, pipeline_parallel_size=2, pipeline_schedule="zbv_zero_bubble", microbatches=4)
 
 
@@ -136,13 +139,15 @@ def test_encoder_families_get_shipped_plans(family, prefix):
     assert not plan.shifted_labels
 
 
-@pytest.mark.parametrize("family,kept", [("llama", "model.model.embed_tokens.weight"), ("gpt2", "model.transformer.wte.weight")])
+@pytest.mark.parametrize("family,kept", [("llama", "model.model.embed_tokens.weight"),
+                                         ("gpt2", "model.transformer.wte.weight")])
 def test_checkpoints_keep_the_tied_name_save_pretrained_keeps(family, kept):
     from lightning_mp.checkpoint.tied import stored_key, tied_names
 
     module = tiny_hf.TinyHFModule(family, tie_word_embeddings=True)
     assert tied_names(module) == {"model.lm_head.weight": kept}
-    assert stored_key("state.model.lm_head.weight.exp_avg", tied_names(module), optimizer=True) == f"state.{kept}.exp_avg"
+    assert stored_key("state.model.lm_head.weight.exp_avg", tied_names(module), optimizer=True) == \
+        f"state.{kept}.exp_avg"
     assert tied_names(tiny_hf.TinyHFModule(family)) == {}
 
 

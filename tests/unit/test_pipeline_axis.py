@@ -126,7 +126,8 @@ def test_build_pipeline_rejects_more_stages_than_blocks():
     model = BertForTokenClassification(tiny_config(layers=4))
     _, hf, plan = find_plan(model)
     with pytest.raises(ValueError, match=r"'interleaved_1f1b' over 4 ranks: 8 pipeline stages need at least 8"
-                                         r" blocks .* the model has 4; use at most 2 pipeline ranks \(2 stages per rank\)"):
+                                         r" blocks .* the model has 4; use at most 2 pipeline ranks"
+                                         r" \(2 stages per rank\)"):
         build_pipeline(hf, plan, _StubMesh(4), "interleaved_1f1b", 8, "cpu")
     with pytest.raises(ValueError, match="5 pipeline stages need at least 5 blocks .* the model has 4"):
         build_pipeline(hf, plan, _StubMesh(5), "1f1b", 8, "cpu")

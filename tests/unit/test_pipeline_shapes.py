@@ -47,7 +47,8 @@ def test_activation_not_led_by_the_input_shape_is_refused_and_nothing_changes():
     with pytest.raises(NotDerivable, match=r"stage 1 output\[0\] has shape \(2, 32\).*input shape \(2, 12\)"):
         follow_input_shape([good, bad], (2, 12), (2, 5))
     assert good._user_meta == _StageMeta()  # all stages or none
-    transposed = stage(1, 3, (_TensorMeta(torch.Size((2, 12, 32)), (32, 64, 1), torch.float32, False),), (meta(2, 12, 32),))
+    transposed = stage(1, 3, (_TensorMeta(torch.Size((2, 12, 32)), (32, 64, 1), torch.float32, False),),
+                       (meta(2, 12, 32),))
     with pytest.raises(NotDerivable, match="not contiguous"):
         derived_metadata(transposed, (2, 12), (2, 5))
 

@@ -71,7 +71,8 @@ def test_choices_fit_and_keep_tensor_parallelism_inside_a_node():
 
 
 def test_nothing_fits_says_why():
-    with pytest.raises(ValueError, match=r"no layout of 2 devices fits this model: .*GiB per device, more than 90% of 16 GB"):
+    with pytest.raises(ValueError, match=r"no layout of 2 devices fits this model:"
+                                         r" .*GiB per device, more than 90% of 16 GB"):
         choose(TEN_B, Cluster(devices_per_node=2, num_nodes=1, device_memory_gb=16), global_batch=8, seq=512)
 
 

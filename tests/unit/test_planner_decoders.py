@@ -98,7 +98,8 @@ def test_divisibility_names_the_sizes_and_the_valid_degrees():
     assert qwen.tensor_parallel_problem(4) is None
     assert qwen.tensor_parallel_problem(8) == "tp=8 does not divide the 28 attention heads, 4 KV heads (valid: 1, 2, 4)"
     gqa = DecoderShape("llama", layers=4, hidden=96, heads=12, kv_heads=4, intermediate=96, vocab=1000)
-    assert gqa.tensor_parallel_problem(6) == "tp=6 does not divide the 4 KV heads, 1000 vocabulary (sharded lm_head) (valid: 1, 2, 4)"
+    assert gqa.tensor_parallel_problem(6) == \
+        "tp=6 does not divide the 4 KV heads, 1000 vocabulary (sharded lm_head) (valid: 1, 2, 4)"
     odd_vocab = DecoderShape("llama", layers=4, hidden=64, heads=4, kv_heads=2, intermediate=128, vocab=1001)
     assert "1001 vocabulary (sharded lm_head)" in odd_vocab.tensor_parallel_problem(2)
     assert DecoderShape("llama", 4, 64, 4, 2, 128, 1001, tied=True).tensor_parallel_problem(2) is None  # replicated

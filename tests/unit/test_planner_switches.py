@@ -78,7 +78,8 @@ def test_the_search_uses_the_switches_only_where_the_strategy_accepts_them():
         applies = layout.tensor > 1 and layout.pipeline == 1
         assert layout.loss_parallel == applies  # never worse in the model: on wherever it applies
         assert applies or not layout.sequence_parallel
-    assert {layout.sequence_parallel for layout in layouts if layout.tensor > 1 and layout.pipeline == 1} == {False, True}
+    assert {layout.sequence_parallel for layout in layouts
+            if layout.tensor > 1 and layout.pipeline == 1} == {False, True}
     assert {layout.checkpointing for layout in layouts} == {None, "full", "selective"}
     assert any(c.layout.sequence_parallel and c.rejected is None for c in ranked)
     _, unasked = choose(shape, Cluster(devices_per_node=8, num_nodes=4), global_batch=64, seq=8192, loss_parallel=False)

@@ -73,7 +73,8 @@ def test_the_search_replicates_what_fits_and_shards_what_does_not():
     assert data_only["fully_sharded"].rejected is None
 
 
-@pytest.mark.parametrize("fsdp_settings,mode", [(None, "replicated"), ({"reshard_after_forward": "all"}, "fully_sharded")])
+@pytest.mark.parametrize("fsdp_settings,mode", [(None, "replicated"),
+                                                ({"reshard_after_forward": "all"}, "fully_sharded")])
 def test_layout_auto_replicates_unless_fsdp_settings_were_given(fsdp_settings, mode):
     """FSDP settings apply to FSDP only (the replicated mode refuses them): given, the planner keeps FSDP."""
     import lightning as L
@@ -85,7 +86,8 @@ def test_layout_auto_replicates_unless_fsdp_settings_were_given(fsdp_settings, m
         def __init__(self) -> None:
             super().__init__()
             self.model = LlamaForCausalLM(LlamaConfig(vocab_size=500, hidden_size=64, intermediate_size=96,
-                                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+                                                      num_hidden_layers=2, num_attention_heads=4,
+                                                      num_key_value_heads=2))
 
     strategy = ModelParallelStrategy(layout="auto", global_batch_size=16, sequence_length=128, device_memory_gb=16,
                                      fsdp_settings=fsdp_settings)

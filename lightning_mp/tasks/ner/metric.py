@@ -120,7 +120,8 @@ class EntityF1(torchmetrics.Metric):
         self._computed = None  # torchmetrics would otherwise keep returning a compute() cached before the merge
 
     def compute(self) -> dict[str, torch.Tensor]:
-        """``precision``/``recall``/``f1`` (micro: from counts summed over types), ``macro_f1`` (mean over the types that were predicted or gold), ``support``
+        """``precision``/``recall``/``f1`` (micro: from counts summed over types), ``macro_f1`` (mean over the types
+        that were predicted or gold), ``support``
         (gold entities), and ``{type}_precision``/``_recall``/``_f1``/``_support`` per type. A ratio with a
         zero denominator is 0 (seqeval's zero_division=0)."""
         tp, predicted, gold = self.true_positive, self.predicted, self.gold

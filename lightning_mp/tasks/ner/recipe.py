@@ -103,6 +103,7 @@ def run_ner(cfg: DictConfig, original_cwd: Path, run_dir: Path) -> float:
     f1 = float(trainer.callback_metrics.get("test_f1", float("nan")))
     export_dir = export_hf_model(module, "model", run_dir / cfg.export_dir, tokenizer=datamodule.tokenizer)
     if trainer.is_global_zero:
-        print(f"\nTest entities (best checkpoint {checkpoint.best_model_path or 'last weights'}):\n{module.test_report}")
+        print(f"\nTest entities (best checkpoint {checkpoint.best_model_path or 'last weights'}):\n"
+              f"{module.test_report}")
         print(f"\ntest entity F1 = {f1:.4f}; Hugging Face model exported to {export_dir}")
     return f1
