@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Optional
 
 
-def compile_problem(compile: bool, tensor: int, shard: int, sequence_parallel: bool,
+def compile_problem(compile: bool | str, tensor: int, shard: int, sequence_parallel: bool,
                     activation_checkpointing: bool | str) -> Optional[str]:
     """Why compiling blocks fails for this layout, as the message the strategy raises; None if it works.
 

@@ -171,7 +171,7 @@ class ParallelConfig:
     microbatches: int | None = None
     loss_parallel: bool = False  # cross-entropy on vocabulary-sharded logits (parallel/loss_parallel.py)
     sequence_parallel: bool = False  # norms and residual stream on sequence shards between tensor-parallel regions
-    compile: bool = False  # torch.compile each block (parallel/compile.py)
+    compile: bool | str = False  # torch.compile each block (parallel/compile.py); a str names the backend
     fsdp_settings: FSDPSettings = field(default_factory=FSDPSettings)  # a dict is accepted too
 
     def __post_init__(self) -> None:
@@ -208,9 +208,22 @@ class ParallelConfig:
             )
         stages_per_rank(self.pipeline_schedule)
         checkpoint_mode(self.activation_checkpointing)
-        for name in ("loss_parallel", "sequence_parallel", "compile"):
+        for name in ("loss_parallel", "sequence_parallel"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}.")
+        if not isinstance(self.compile, bool):
+            import torch
+
+            if self.compile not in torch.compiler.list_backends(exclude_tags=()):  # debug backends included
+                raise ValueError(f"compile must be True, False or the name of a torch.compile backend (e.g."
+                                 f" {', '.join(torch.compiler.list_backends())}, aot_eager), got {self.compile!r}.")
+
+    @property
+    def compile_backend(self) -> str | None:
+        """The torch.compile backend blocks compile with: None (not compiled), "inductor" for ``compile=True``."""
+        if self.compile is False:
+            return None
+        return "inductor" if self.compile is True else self.compile
 
     @property
     def checkpoint_mode(self) -> str | None:

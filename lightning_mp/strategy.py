@@ -103,6 +103,8 @@ class ModelParallelStrategy(CheckpointHooks, StepHooks, ParallelStrategy):
             activation checkpointing, before FSDP; one graph serves every sequence length (dynamic shapes) and
             every block of one class. Needs a plan that names the blocks; with tensor parallelism not yet
             together with sequence parallelism, activation checkpointing or FSDP. See ``parallel/compile.py``.
+            ``True`` compiles with inductor; a string names another torch.compile backend (``"aot_eager"``: the
+            same graphs and autograd, without generating kernels).
         fsdp_settings: an :class:`~lightning_mp.config.FSDPSettings` (or a dict of its fields): which blocks reshard
             after forward, explicit prefetch depths, the gradient reduction dtype; the defaults are the measured choice.
     """
@@ -141,7 +143,7 @@ class ModelParallelStrategy(CheckpointHooks, StepHooks, ParallelStrategy):
         device_memory_gb: Optional[float] = None,
         loss_parallel: bool = False,
         sequence_parallel: bool = False,
-        compile: bool = False,
+        compile: bool | str = False,
         fsdp_settings: Union[FSDPSettings, dict, None] = None,
         **kwargs: Any,
     ) -> None:

@@ -8,7 +8,10 @@ its stack, and the launcher (``helpers/launch.py``) kills the ranks it started.
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -32,14 +35,26 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session")
 def reference_runs(tmp_path_factory):
-    """Single-process runs on the whole global batch, computed once per worker script and extra arguments."""
+    """Single-process runs on the whole global batch, computed once per worker script and extra arguments, and
+    once per run of the suite: pytest-xdist's workers share them through files in the run's temporary folder
+    (the first to need one computes it while holding its lock)."""
     cache: dict[tuple[str, ...], dict] = {}
-    base = tmp_path_factory.mktemp("reference")
+    base = tmp_path_factory.getbasetemp()
+    shared = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "reference-runs"
+    shared.mkdir(exist_ok=True)
 
     def get(*extra: str, script: str = "train.py") -> dict:
-        if (script, *extra) not in cache:
-            cache[(script, *extra)] = run_worker(base, strategy="none", extra=extra, script=script, timeout=600)
-        return cache[(script, *extra)]
+        key = (script, *extra)
+        if key not in cache:
+            stored = shared / (hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16] + ".pt")
+            with open(stored.with_suffix(".lock"), "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if not stored.exists():
+                    result = run_worker(shared, strategy="none", extra=extra, script=script, timeout=600)
+                    torch.save(result, stored.with_suffix(".partial"))
+                    os.replace(stored.with_suffix(".partial"), stored)
+            cache[key] = torch.load(stored, weights_only=False)
+        return cache[key]
 
     return get
 

@@ -158,18 +158,20 @@ def parallelize(module: nn.Module, planned: Optional[PlannedModel], mesh: Device
         _apply_axes(module, None, [], ModelPlan(), mesh, dp_mesh, config, policy)
     else:
         blocks = list(planned.model.get_submodule(planned.plan.blocks)) if planned.plan.blocks else []
-        # The LightningModule itself is never made an FSDP unit: that would change its class.
-        _apply_axes(module, None if planned.model is module else planned.model, blocks, planned.plan, mesh, dp_mesh,
-                    config, policy)
+        _apply_axes(module, planned.model, blocks, planned.plan, mesh, dp_mesh, config, policy,
+                    shard_model=planned.model is not module)
     if replicated:
         replicate(module, mesh[DATA_REPLICATE].get_group())
     return None
 
 
 def _apply_axes(root: nn.Module, model: Optional[nn.Module], blocks: list[nn.Module], plan: ModelPlan,
-                mesh: DeviceMesh, dp_mesh: Optional[DeviceMesh], config: ParallelConfig, policy: Any) -> None:
+                mesh: DeviceMesh, dp_mesh: Optional[DeviceMesh], config: ParallelConfig, policy: Any,
+                shard_model: bool = True) -> None:
     """Tensor parallelism on ``model``, activation checkpointing of ``blocks``, compile of ``blocks``, then FSDP:
-    one unit per block, then ``model``, then whatever in ``root`` still holds parameters."""
+    one unit per block, then ``model``, then whatever in ``root`` still holds parameters. ``model`` may be ``root``
+    itself (a plan given to the strategy is relative to the LightningModule): its tensor-parallel plan applies
+    all the same, and ``shard_model=False`` keeps it from becoming an FSDP unit (that would change its class)."""
     if model is not None:
         apply_tensor_parallel(model, mesh[TENSOR], plan.tensor_parallel)
         if config.compile and mesh[TENSOR].size() > 1:
@@ -179,9 +181,9 @@ def _apply_axes(root: nn.Module, model: Optional[nn.Module], blocks: list[nn.Mod
     if config.checkpoint_mode:
         apply_activation_checkpointing(blocks, config.checkpoint_mode, owner, traced=config.compile)
     if config.compile:
-        apply_compile(blocks, owner, checkpointed=config.checkpoint_mode is not None)
+        apply_compile(blocks, owner, backend=config.compile_backend, checkpointed=config.checkpoint_mode is not None)
     if dp_mesh is not None:
-        apply_fsdp(root, model, blocks, dp_mesh, policy, config.fsdp_settings)
+        apply_fsdp(root, model if shard_model else None, blocks, dp_mesh, policy, config.fsdp_settings)
 
 
 def _parallelize_pipeline(module: nn.Module, planned: PlannedModel, mesh: DeviceMesh, dp_mesh: Optional[DeviceMesh],

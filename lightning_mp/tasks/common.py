@@ -22,7 +22,9 @@ def parallel_kwargs(cfg: DictConfig, auto: Optional[Callable[[DictConfig], dict[
     ``parallel=auto``, ``auto(cfg)`` (the planner's choice for the recipe's model)."""
     p = cfg.parallel
     # Independent of the degrees: kept when the planner chooses them.
-    switches = dict(compile=bool(p.get("compile", False)), fsdp_settings=dict(p.get("fsdp") or {}))
+    compile = p.get("compile", False)  # true/false, or a torch.compile backend's name
+    switches = dict(compile=compile if isinstance(compile, str) else bool(compile),
+                    fsdp_settings=dict(p.get("fsdp") or {}))
     if p.get("auto"):
         if auto is None:
             raise ValueError("parallel=auto: the planner does not know this recipe's model family yet; pass the"

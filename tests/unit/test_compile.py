@@ -64,10 +64,13 @@ def test_what_compile_cannot_trace_with_tensor_parallelism_is_refused_before_lau
                                                                                          **switches))
 
 
-def test_compile_switch_is_a_bool_and_reaches_the_strategy_from_the_recipes():
-    with pytest.raises(ValueError, match="compile must be True or False, got 'inductor'"):
-        ParallelConfig(compile="inductor")
-    assert ModelParallelStrategy(compile=True).parallel_config.compile
+def test_compile_switch_names_a_backend_and_reaches_the_strategy_from_the_recipes():
+    with pytest.raises(ValueError, match=r"compile must be True, False or the name of a torch.compile backend \(e.g."
+                                         r" .*inductor.*\), got 'inductr'"):
+        ParallelConfig(compile="inductr")
+    assert ModelParallelStrategy(compile=True).parallel_config.compile_backend == "inductor"
+    assert ModelParallelStrategy(compile="aot_eager").parallel_config.compile_backend == "aot_eager"
+    assert ModelParallelStrategy().parallel_config.compile_backend is None
     # The first step compiles (minutes on a CPU): the progress watch waits half the process-group timeout.
     assert ModelParallelStrategy(compile=True)._failure_watch.progress_timeout == 900.0
     assert ModelParallelStrategy(compile=False)._failure_watch.progress_timeout == 300.0
@@ -75,6 +78,8 @@ def test_compile_switch_is_a_bool_and_reaches_the_strategy_from_the_recipes():
     assert parallel_kwargs(OmegaConf.create({"parallel": parallel}))["compile"] is False
     parallel.compile = True
     assert parallel_kwargs(OmegaConf.create({"parallel": parallel}))["compile"] is True
+    parallel.compile = "aot_eager"
+    assert parallel_kwargs(OmegaConf.create({"parallel": parallel}))["compile"] == "aot_eager"
 
 
 def test_checkpointing_inside_the_forward_recomputes_like_the_hooks_and_survives_a_deep_copy():

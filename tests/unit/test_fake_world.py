@@ -94,3 +94,40 @@ def test_one_rank_of_a_3d_layout_holds_its_stage_sharded_by_the_plan(fake_world,
         # FSDP pads the last shard: a rank holds ceil(rows / dp) rows or fewer.
         assert local_rows <= -(-tensor_rows // dp), f"{name}: {local_rows} rows of {rows}"
         assert local_columns == (columns // tp if tensor == Shard(1) else columns), name
+
+
+@pytest.mark.parametrize("world_size,layout", [
+    (2, {"tensor_parallel_size": 2}),
+    (4, {"tensor_parallel_size": 2, "data_parallel_size": 2}),
+], ids=["tp2", "dp2xtp2"])
+@pytest.mark.parametrize("form", ["dict", "ModelPlan"])
+def test_a_plan_given_to_the_strategy_splits_the_users_model(fake_world, world_size, layout, form):
+    """A plan passed as ``ModelParallelStrategy(plan=...)`` is relative to the LightningModule; it once reached no
+    module at all (the module itself was skipped as "not a model"), and every rank trained a full replica."""
+    from helpers.plain_gpt import TENSOR_PLAN, GPTModule
+    from lightning_mp.plans import ModelPlan
+
+    plan = TENSOR_PLAN if form == "dict" else ModelPlan(tensor_parallel=TENSOR_PLAN, blocks="model.blocks")
+    plan = plan if isinstance(plan, ModelPlan) else ModelPlan(tensor_parallel=plan, name="user plan")
+    full = {name: tuple(p.shape) for name, p in GPTModule().named_parameters()}
+    fake_world(world_size - 1, world_size)
+    config = ParallelConfig(**layout)
+    shape = config.resolve(world_size)
+    mesh, _ = build_device_mesh(shape, torch.device("cpu"))
+    module = GPTModule()
+    parallelize(module, resolve_plan(module, plan, shape, config), mesh, shape.data_shard, config, "32-true",
+                torch.device("cpu"))
+    held = dict(module.named_parameters())
+    assert set(held) == set(full)
+    for name, style in (("q.weight", Shard(0)), ("v.weight", Shard(0)), ("proj.weight", Shard(1)),
+                        ("up.weight", Shard(0)), ("down.weight", Shard(1))):
+        parameter = held[f"model.blocks.1.{name}"]
+        assert isinstance(parameter, DTensor), f"{name} was not split"
+        placements = dict(zip(parameter.device_mesh.mesh_dim_names, parameter.placements))
+        assert placements["tensor_parallel"] == style, (name, placements)
+        local = list(full[f"model.blocks.1.{name}"])
+        local[style.dim] //= 2  # half of each split weight per tensor rank
+        if "data_parallel_shard" in placements:
+            local[0] = -(-local[0] // 2)  # FSDP: at most half the rows per data rank
+        assert list(parameter.to_local().shape) <= local and parameter.to_local().shape[1] == local[1], name
+    assert not isinstance(module, type(module.model)), "the LightningModule keeps its class"

@@ -91,7 +91,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="global batch size")
     parser.add_argument("--accumulate", type=int, default=1)
     parser.add_argument("--clip", type=float, default=None)
-    parser.add_argument("--module", default="tiny", choices=["tiny", "dropin"])
+    parser.add_argument("--module", default="tiny", choices=["tiny", "dropin", "gpt"],
+                        help="gpt: helpers/plain_gpt.py, a user's own model; its layouts say \"gpt_plan\": \"dict\""
+                             " or \"ModelPlan\" (how the plan reaches the strategy)")
     parser.add_argument("--all-labelled", action="store_true", help="every token labelled (equal counts per rank)")
     parser.add_argument("--layers", type=int, default=2, help="encoder layers of the tiny BERT")
     parser.add_argument("--validate", action="store_true", help="run a validation epoch after fitting")
@@ -127,6 +129,23 @@ def main() -> None:
         torch.save(results if args.layouts is not None else results[0], args.out)
 
 
+def gpt_plan(layout: dict) -> dict:
+    """``layout`` with ``"gpt_plan"`` turned into the strategy's ``plan=`` argument for the plain GPT: its
+    tensor-parallel plan as a dict, or as a ModelPlan (which can also say that the loss shifts its labels, so
+    data-parallel ranks weight the tokens the loss counts)."""
+    layout = dict(layout)
+    form = layout.pop("gpt_plan", None)
+    if form is None:
+        return layout
+    from helpers.plain_gpt import TENSOR_PLAN
+    from lightning_mp.plans import ModelPlan
+
+    if form == "dict":
+        return {**layout, "plan": TENSOR_PLAN}
+    plan = ModelPlan(tensor_parallel=TENSOR_PLAN, blocks="model.blocks", shifted_labels=True, name="GPT")
+    return {**layout, "plan": plan}
+
+
 def train(args: argparse.Namespace, layout: dict) -> tuple[dict, bool]:
     """One Trainer under ``layout``: (what rank 0 writes, whether this is global rank 0)."""
     L.seed_everything(0, verbose=False)
@@ -143,7 +162,7 @@ def train(args: argparse.Namespace, layout: dict) -> tuple[dict, bool]:
     else:
         from lightning_mp import ModelParallelStrategy
 
-        strategy = ModelParallelStrategy(**layout)
+        strategy = ModelParallelStrategy(**gpt_plan(layout))
     if args.strategy != "none":
         world = args.devices * args.num_nodes
         model_size = layout.get("tensor_parallel_size", 1) * layout.get("pipeline_parallel_size", 1)
@@ -158,6 +177,11 @@ def train(args: argparse.Namespace, layout: dict) -> tuple[dict, bool]:
         make_loader = partial(tiny_hf.loader, args.family, fixed_width=args.fixed_width)
     elif args.module == "dropin":
         from dropin_module import DropInModule as Module
+    elif args.module == "gpt":
+        from helpers import tiny_hf
+        from helpers.plain_gpt import GPTModule as Module
+
+        make_loader = partial(tiny_hf.loader, "llama")
     else:
         Module = partial(TinyBertModule, layers=args.layers)
     recorder = RecordLoss(grad_norms=args.grad_norms)
