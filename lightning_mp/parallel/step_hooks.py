@@ -107,4 +107,8 @@ class StepHooks:
             return tensor
         if self._token_weighting.applies_to(reduce_op, group):
             return self._token_weighting.weighted_mean(tensor)
+        if group is None and self._data_mesh is not None:
+            # Tensor-parallel and pipeline peers hold the same rows (and, under a pipeline, the same relayed
+            # logs): a sum over the whole world would count each row once per peer.
+            group = self._data_mesh.get_group()
         return sync_ddp_if_available(tensor, group, reduce_op=reduce_op)

@@ -314,24 +314,44 @@ def _captured_logs(module: Any) -> Iterator[dict[str, tuple[Tensor, dict]]]:
             module.log = previous
 
 
+# What ``self.log(..., reduce_fx=...)`` asks for, by name or as torch's function; anything else is a mean.
+_MICROBATCH_REDUCTIONS = {"sum": torch.sum, "max": torch.amax, "min": torch.amin}
+
+
+def _reduction(reduce_fx: Any) -> str:
+    if isinstance(reduce_fx, str):
+        return reduce_fx.lower() if reduce_fx.lower() in _MICROBATCH_REDUCTIONS else "mean"
+    by_function = {torch.sum: "sum", torch.max: "max", torch.amax: "max", torch.min: "min", torch.amin: "min"}
+    return by_function.get(reduce_fx, "mean")
+
+
 def _combine_logs(records: list[tuple[Tensor, dict[str, tuple[Tensor, dict]], float]],
                   batch_size: int) -> dict[str, tuple[Tensor, dict]]:
-    """Per name, the microbatch values averaged with the microbatch weights (the token mean for a loss),
-    with Lightning's ``batch_size`` set to the whole local batch."""
-    sums: dict[str, Tensor] = {}
-    weights: dict[str, float] = {}
+    """Per name, the microbatch values combined as the local batch's value would be: summed for
+    ``reduce_fx="sum"`` (a count over the batch), the largest or smallest for "max" / "min", otherwise averaged
+    with the microbatch weights (the token mean for a loss); Lightning's ``batch_size`` set to the whole local
+    batch."""
+    values: dict[str, list[Tensor]] = {}
+    weights: dict[str, list[float]] = {}
     kwargs_of: dict[str, dict] = {}
     for _, logged, weight in records:
         for name, (value, kwargs) in logged.items():
-            sums[name] = value * weight if name not in sums else sums[name] + value * weight
-            weights[name] = weights.get(name, 0.0) + weight
+            values.setdefault(name, []).append(value)
+            weights.setdefault(name, []).append(weight)
             kwargs_of[name] = kwargs
     combined = {}
-    for name, total in sums.items():
+    for name, per_microbatch in values.items():
         kwargs = dict(kwargs_of[name])
         if "batch_size" in kwargs:
             kwargs["batch_size"] = batch_size
-        combined[name] = (total / weights[name] if weights[name] else total, kwargs)
+        reduction = _reduction(kwargs.get("reduce_fx", "mean"))
+        if reduction != "mean":
+            value = _MICROBATCH_REDUCTIONS[reduction](torch.stack(per_microbatch), dim=0)
+        else:
+            total_weight = sum(weights[name])
+            value = sum(v * w for v, w in zip(per_microbatch, weights[name]))
+            value = value / total_weight if total_weight else value
+        combined[name] = (value, kwargs)
     return combined
 
 

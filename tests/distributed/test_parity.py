@@ -31,6 +31,8 @@ def test_layout_matches_single_process(name, reference_runs, shared_launches):
     result = shared_launches(LAYOUTS, name)  # the layouts of one world size train in one launch
     assert result["losses"] == pytest.approx(reference["losses"], abs=FP32_TOLERANCE)
     assert max_weight_difference(result["state_dict"], reference["state_dict"]) < FP32_TOLERANCE
+    # Summed logs count each row once: over data-parallel ranks, not once per tensor-parallel peer.
+    assert result["labelled_tokens"] == reference["labelled_tokens"]
     expected = ["model.bert.encoder.layer.0", "model.bert.encoder.layer.1"] if "activation" in name else []
     assert result["checkpointed"] == expected
 

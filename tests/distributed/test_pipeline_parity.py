@@ -39,6 +39,8 @@ def assert_matches(result: dict, reference: dict) -> None:
     assert max_weight_difference(result["state_dict"], reference["state_dict"]) < FP32_TOLERANCE
     assert result["validation"]["val_loss"] == pytest.approx(reference["validation"]["val_loss"], abs=FP32_TOLERANCE)
     assert result["validation"]["val_accuracy"] == pytest.approx(reference["validation"]["val_accuracy"], abs=1e-6)
+    # A summed log: the microbatches' counts added (not averaged), once per data-parallel rank.
+    assert result["labelled_tokens"] == reference["labelled_tokens"]
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))

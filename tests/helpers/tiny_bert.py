@@ -89,6 +89,8 @@ class TinyBertModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         loss = self.model(**batch).loss
         self.log("train_loss", loss, sync_dist=True)
+        # A count over the batch: one process logs the global batch's; every layout must log the same.
+        self.log("labelled_tokens", (batch["labels"] != -100).sum().float(), reduce_fx="sum", sync_dist=True)
         return loss
 
     def validation_step(self, batch, batch_idx):

@@ -113,3 +113,17 @@ def test_logged_values_combine_with_the_microbatch_weights():
     assert float(combined["train_loss"][0]) == pytest.approx(2.5)
     assert combined["train_loss"][1] == {"prog_bar": True, "batch_size": 4}
     assert float(combined["lr"][0]) == pytest.approx(0.1) and combined["lr"][1] == {}
+
+
+def test_microbatch_logs_combine_as_their_reduction_asks():
+    """A pipeline logs once per step what its microbatches logged: a loss as the token-weighted mean, a count
+    (``reduce_fx="sum"``) as the sum, "max" / "min" as the extreme, whatever the weights."""
+    logged = [({"loss": (torch.tensor(2.0), {}), "rows": (torch.tensor(3.0), {"reduce_fx": "sum"}),
+                "widest": (torch.tensor(7.0), {"reduce_fx": torch.max}), "shortest": (torch.tensor(4.0),
+                                                                                     {"reduce_fx": "min"})}, 1.0),
+              ({"loss": (torch.tensor(5.0), {}), "rows": (torch.tensor(2.0), {"reduce_fx": torch.sum}),
+                "widest": (torch.tensor(9.0), {"reduce_fx": torch.max}), "shortest": (torch.tensor(6.0),
+                                                                                     {"reduce_fx": "min"})}, 3.0)]
+    combined = _combine_logs([(torch.tensor(0.0), logs, weight) for logs, weight in logged], batch_size=8)
+    assert {name: float(value) for name, (value, _) in combined.items()} == {
+        "loss": (2.0 * 1 + 5.0 * 3) / 4, "rows": 5.0, "widest": 9.0, "shortest": 4.0}

@@ -26,12 +26,15 @@ class RecordLoss(Callback):
         self.grad_norms: list[float] = []
         self.record_grad_norms = grad_norms
         self.widths: list[int] = []  # of this rank's batches
+        self.labelled_tokens: list[float] = []  # logged with reduce_fx="sum" (tiny BERT)
         self.compiled: list[dict] = []  # what torch.compile had done in this process after each step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         from lightning_mp.parallel.compile import compile_counts
 
         self.losses.append(float(trainer.callback_metrics["train_loss"]))
+        if "labelled_tokens" in trainer.callback_metrics:
+            self.labelled_tokens.append(float(trainer.callback_metrics["labelled_tokens"]))
         if isinstance(batch, dict):
             self.widths.append(int(batch["input_ids"].shape[1]))
         self.compiled.append(compile_counts())
@@ -202,7 +205,7 @@ def train(args: argparse.Namespace, layout: dict) -> tuple[dict, bool]:
     single = args.strategy == "none"
     trainer.fit(module, make_loader(args.batch_size // data_size, single_process=single))
     result = {"losses": recorder.losses, "grad_norms": recorder.grad_norms, "widths": recorder.widths,
-              "compiled": recorder.compiled}
+              "compiled": recorder.compiled, "labelled_tokens": recorder.labelled_tokens}
     scaler = getattr(trainer.precision_plugin, "scaler", None)
     result["grad_scale"] = scaler.get_scale() if scaler is not None else None
     if args.validate:
