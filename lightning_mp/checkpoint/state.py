@@ -92,7 +92,7 @@ def _merge_on_rank_zero(state: dict[str, Any], group: dist.ProcessGroup) -> dict
     """
     members = dist.get_process_group_ranks(group)
     sends = 0 in members
-    device = next((_local(v).device for v in state.values() if isinstance(v, torch.Tensor)), _HOST)
+    device = collective_device(group)
     kept: dict[str, Any] = {}
     for key, value in state.items():
         if isinstance(value, DTensor):
@@ -120,6 +120,15 @@ def _merge_on_rank_zero(state: dict[str, Any], group: dist.ProcessGroup) -> dict
                 item = buffer.to(_HOST)
             kept[key] = item
     return kept
+
+
+def collective_device(group: dist.ProcessGroup) -> torch.device:
+    """Where a tensor sent or received over ``group`` must be: host memory for gloo, else this rank's accelerator
+    (NCCL takes no host tensors). Chosen from the group, not from the state being sent: an optimizer's first
+    entry (AdamW's ``step``) is a host tensor whatever the device of the parameters."""
+    if str(dist.get_backend(group)) == "gloo" or not torch.accelerator.is_available():
+        return _HOST
+    return torch.device(torch.accelerator.current_accelerator().type, torch.accelerator.current_device_index())
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:

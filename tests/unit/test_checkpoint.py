@@ -148,3 +148,19 @@ def test_validate_with_a_checkpoint_after_fit_restores_weights_not_the_optimizer
     trainer.validate(module, data, ckpt_path=tmp_path / "saved.ckpt", verbose=False)
     assert torch.equal(module.layer.weight, saved_weight)
     assert all(torch.equal(state["exp_avg"], m) for state, m in zip(trainer.optimizers[0].state.values(), moved))
+
+
+def test_pipeline_checkpoint_buffers_live_where_the_backend_needs_them(monkeypatch):
+    """A full checkpoint under a pipeline streams entries to rank 0 with send/recv: over NCCL they must be on the
+    rank's GPU. The device once came from the first state entry, which for AdamW is ``step``, a host tensor."""
+    import torch.distributed as dist
+
+    from lightning_mp.checkpoint import state
+
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "gloo")
+    assert state.collective_device(None) == torch.device("cpu")
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda: torch.device("cuda"))
+    monkeypatch.setattr(torch.accelerator, "current_device_index", lambda: 3)
+    assert state.collective_device(None) == torch.device("cuda", 3)
