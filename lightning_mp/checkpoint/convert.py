@@ -34,7 +34,7 @@ from lightning_mp.checkpoint.io import (
 )
 
 
-def sharded_to_full(source: str | Path, target: str | Path) -> Path:
+def sharded_to_full(source: str | Path, target: str | Path, weights_only: bool = True) -> Path:
     """Read every shard of ``source`` on this process and write one full checkpoint file ``target``."""
     source, target = Path(source), Path(target)
     if not is_sharded_checkpoint(source):
@@ -44,7 +44,7 @@ def sharded_to_full(source: str | Path, target: str | Path) -> Path:
     load_state_dict_without_planning(tensors, storage_reader=dcp.FileSystemReader(str(source)),
                                      planner=EmptyStateDictLoadPlanner(),
                      no_dist=True)
-    checkpoint = torch.load(source / META_FILE, weights_only=False)
+    checkpoint = torch.load(source / META_FILE, weights_only=weights_only)
     checkpoint[MODEL_KEY] = tensors.pop(MODEL_KEY)
     optimizers = sorted((key for key in tensors if key.startswith("optimizer_")), key=lambda k: int(k.split("_")[1]))
     checkpoint[OPTIMIZER_KEY] = [tensors[key] for key in optimizers]
@@ -52,10 +52,10 @@ def sharded_to_full(source: str | Path, target: str | Path) -> Path:
     return target
 
 
-def full_to_sharded(source: str | Path, target: str | Path) -> Path:
+def full_to_sharded(source: str | Path, target: str | Path, weights_only: bool = True) -> Path:
     """Write the full checkpoint file ``source`` as a sharded directory ``target`` (one shard)."""
     source, target = Path(source), Path(target)
-    checkpoint = read_full(source)
+    checkpoint = read_full(source, weights_only)
     tensors = {MODEL_KEY: checkpoint.pop(MODEL_KEY)}
     for index, state in enumerate(checkpoint.pop(OPTIMIZER_KEY, [])):
         tensors[f"optimizer_{index}"] = state
@@ -76,14 +76,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("source", type=Path, help="a sharded checkpoint directory or a full checkpoint file")
     parser.add_argument("target", type=Path, help="where the other form is written")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing target")
+    parser.add_argument("--trust-pickles", action="store_true",
+                        help="unpickle any object the checkpoint holds (runs code from whoever wrote it; default:"
+                             " tensors and plain types only, torch's weights_only=True)")
     args = parser.parse_args(argv)
     if args.target.exists() and not args.overwrite:
         parser.error(f"{args.target} exists; pass --overwrite to replace it.")
     if is_sharded_checkpoint(args.source):
-        sharded_to_full(args.source, args.target)
+        sharded_to_full(args.source, args.target, weights_only=not args.trust_pickles)
         print(f"wrote the full checkpoint {args.target}")
     elif args.source.is_file():
-        full_to_sharded(args.source, args.target)
+        full_to_sharded(args.source, args.target, weights_only=not args.trust_pickles)
         print(f"wrote the sharded checkpoint {args.target}")
     else:
         parser.error(f"{args.source} is neither a sharded checkpoint directory (with .metadata) nor a file.")

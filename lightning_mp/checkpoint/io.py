@@ -100,11 +100,27 @@ def save_sharded(checkpoint: dict[str, Any], path: Path, is_rank_zero: bool, bar
 
 
 # ---------------------------------------------------------------- reading
+def safe_loading(weights_only: bool | None) -> bool:
+    """``torch.load``'s ``weights_only`` for a checkpoint: torch's safe default (True: tensors and plain types,
+    never code) unless the user passed False, as Lightning passes ``None`` on to torch. Unpickling arbitrary
+    objects runs code from whoever wrote the file."""
+    return True if weights_only is None else bool(weights_only)
+
+
+def unsafe_hint(path: Path, error: BaseException) -> str:
+    """Why a checkpoint did not load, and what to do when it holds objects that only a full unpickle reads."""
+    text = f"{path}: {last_line(error)}"
+    if "weights_only" in str(error) or "Unsupported global" in str(error):
+        text += (" (it holds objects beyond tensors and plain types; if you trust whoever wrote it, load it with"
+                 " weights_only=False, e.g. trainer.fit(model, ckpt_path=..., weights_only=False))")
+    return text
+
+
 def read_full(path: Path, weights_only: bool | None = None) -> dict[str, Any]:
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=bool(weights_only), mmap=True)
-    except Exception as error:  # a truncated zip, a pickle error, ...
-        raise CheckpointMismatchError(f"cannot read the checkpoint file {path}: {last_line(error)}") from error
+        checkpoint = torch.load(path, map_location="cpu", weights_only=safe_loading(weights_only), mmap=True)
+    except Exception as error:  # a truncated zip, a pickle error, a global refused by safe loading...
+        raise CheckpointMismatchError(f"cannot read the checkpoint file {unsafe_hint(path, error)}") from error
     if not isinstance(checkpoint, dict) or MODEL_KEY not in checkpoint:
         raise CheckpointMismatchError(f"{path} is not a Lightning checkpoint: it has no {MODEL_KEY!r} entry.")
     return checkpoint

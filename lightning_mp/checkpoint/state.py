@@ -40,11 +40,12 @@ from lightning_mp.checkpoint.io import (
     CheckpointMismatchError,
     check_entries,
     is_sharded_checkpoint,
-    last_line,
     read_full,
     require_checkpoint,
+    safe_loading,
     shape_of,
     sharded_entries,
+    unsafe_hint,
     without_single_process_warning,
 )
 from lightning_mp.checkpoint.tied import TiedNames, as_stored, stored_key, without_copies
@@ -177,9 +178,9 @@ def load_into(path: Path, model: nn.Module, optimizers: list[Optimizer], strict:
         try:
             with without_single_process_warning():
                 dcp.load(state, checkpoint_id=path)
-            rest = torch.load(path / META_FILE, weights_only=bool(weights_only))
+            rest = torch.load(path / META_FILE, weights_only=safe_loading(weights_only))
         except (Exception, CheckpointException) as error:  # CheckpointException is a BaseException
-            raise CheckpointMismatchError(f"cannot read the sharded checkpoint {path}: {last_line(error)}") from error
+            raise CheckpointMismatchError(f"cannot read the sharded checkpoint {unsafe_hint(path, error)}") from error
         loaded_model = _as_live(live_model, state[MODEL_KEY], tied)
         set_model_state_dict(model, loaded_model, options=StateDictOptions(strict=strict))
         for index, optimizer in enumerate(optimizers):

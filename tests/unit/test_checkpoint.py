@@ -164,3 +164,17 @@ def test_pipeline_checkpoint_buffers_live_where_the_backend_needs_them(monkeypat
     monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda: torch.device("cuda"))
     monkeypatch.setattr(torch.accelerator, "current_device_index", lambda: 3)
     assert state.collective_device(None) == torch.device("cuda", 3)
+
+
+def test_a_checkpoint_holding_code_is_refused_unless_the_user_trusts_it(tmp_path):
+    """torch's safe loading by default (Lightning passes weights_only=None on to torch): a pickled callable is
+    refused with what to do; weights_only=False, the user's explicit choice, still loads it."""
+    import os
+
+    from lightning_mp.checkpoint.io import CheckpointMismatchError, read_full, save_full
+
+    path = tmp_path / "planted.ckpt"
+    save_full({"state_dict": tiny_module().state_dict(), "callback": os.system}, path)
+    with pytest.raises(CheckpointMismatchError, match=r"planted.ckpt.*weights_only=False"):
+        read_full(path)
+    assert read_full(path, weights_only=False)["callback"] is os.system
