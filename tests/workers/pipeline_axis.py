@@ -21,6 +21,7 @@ from helpers.tiny_bert import SEQ, TokenDataset, tiny_config
 from lightning_mp.parallel.grad_norm import total_grad_norm
 from lightning_mp.pipeline.runtime import build_pipeline
 from lightning_mp.plans import find_plan
+from lightning_mp.processes.launch import destroy_process_group_at_exit
 
 LR = 1e-3
 
@@ -180,6 +181,10 @@ def main() -> None:
     torch.set_num_threads(1)
 
     dist.init_process_group("gloo")
+    # The job's last act is a collective: without the strategy's exit hook, interpreter shutdown can abort a gloo
+    # thread still holding the result ("terminate called without an active exception"; seen in CI on a loaded
+    # machine, twice in three runs).
+    destroy_process_group_at_exit()
     mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("pipeline_parallel",))
     pp_mesh = mesh["pipeline_parallel"]
     data = batches(args.steps, args.batch_size)
@@ -194,7 +199,6 @@ def main() -> None:
     if dist.get_rank() == 0:
         Path(args.out).write_text(json.dumps(results, indent=1))
     dist.barrier()
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
