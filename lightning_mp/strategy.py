@@ -52,7 +52,7 @@ from lightning_mp.parallel.step_hooks import StepHooks
 from lightning_mp.parallel.token_weighting import TokenWeighting
 from lightning_mp.pipeline.steps import PipelineLoop
 from lightning_mp.planner import AutoLayout
-from lightning_mp.plans import ModelPlan, Style
+from lightning_mp.plans import ModelPlan, Style, as_model_plan
 from lightning_mp.processes.launch import CheckModelThenLaunch, destroy_process_group_at_exit
 from lightning_mp.processes.watch import FailureWatch
 
@@ -169,11 +169,7 @@ class ModelParallelStrategy(CheckpointHooks, StepHooks, ParallelStrategy):
             fsdp_settings=settings,
         )
         self._split_points = list(pipeline_split_points) if pipeline_split_points is not None else None
-        if isinstance(plan, dict):
-            plan = ModelPlan(tensor_parallel=plan, name="user plan")
-        if plan is not None and not isinstance(plan, ModelPlan):
-            raise TypeError(f"plan must be a ModelPlan or a dict of module-glob -> style, got {type(plan).__name__}.")
-        self._user_plan = plan
+        self._user_plan = as_model_plan(plan)
         self._token_weighting = TokenWeighting(labels_key, ignore_index, enabled=token_weighted_loss)
         self._save_distributed_checkpoint = save_distributed_checkpoint
         self._process_group_backend = process_group_backend

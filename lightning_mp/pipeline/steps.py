@@ -314,15 +314,14 @@ def _captured_logs(module: Any) -> Iterator[dict[str, tuple[Tensor, dict]]]:
             module.log = previous
 
 
-# What ``self.log(..., reduce_fx=...)`` asks for, by name or as torch's function; anything else is a mean.
-_MICROBATCH_REDUCTIONS = {"sum": torch.sum, "max": torch.amax, "min": torch.amin}
+# What ``self.log(..., reduce_fx=...)`` asks for, by name or as torch's function, as a reduction over the
+# stacked microbatch values; anything else (a mean) is the weighted average.
+_NOT_A_MEAN = {"sum": torch.sum, torch.sum: torch.sum, "max": torch.amax, torch.max: torch.amax, torch.amax: torch.amax,
+               "min": torch.amin, torch.min: torch.amin, torch.amin: torch.amin}
 
 
-def _reduction(reduce_fx: Any) -> str:
-    if isinstance(reduce_fx, str):
-        return reduce_fx.lower() if reduce_fx.lower() in _MICROBATCH_REDUCTIONS else "mean"
-    by_function = {torch.sum: "sum", torch.max: "max", torch.amax: "max", torch.min: "min", torch.amin: "min"}
-    return by_function.get(reduce_fx, "mean")
+def _not_a_mean(reduce_fx: Any) -> Optional[Callable[..., Tensor]]:
+    return _NOT_A_MEAN.get(reduce_fx.lower() if isinstance(reduce_fx, str) else reduce_fx)
 
 
 def _combine_logs(records: list[tuple[Tensor, dict[str, tuple[Tensor, dict]], float]],
@@ -344,9 +343,9 @@ def _combine_logs(records: list[tuple[Tensor, dict[str, tuple[Tensor, dict]], fl
         kwargs = dict(kwargs_of[name])
         if "batch_size" in kwargs:
             kwargs["batch_size"] = batch_size
-        reduction = _reduction(kwargs.get("reduce_fx", "mean"))
-        if reduction != "mean":
-            value = _MICROBATCH_REDUCTIONS[reduction](torch.stack(per_microbatch), dim=0)
+        reduce = _not_a_mean(kwargs.get("reduce_fx", "mean"))
+        if reduce is not None:
+            value = reduce(torch.stack(per_microbatch), dim=0)
         else:
             total_weight = sum(weights[name])
             value = sum(v * w for v, w in zip(per_microbatch, weights[name]))

@@ -92,6 +92,16 @@ PlanFactory = Callable[[nn.Module], ModelPlan]
 _REGISTRY: list[tuple[Callable[[nn.Module], bool], PlanFactory]] = []
 
 
+def as_model_plan(plan: Union[ModelPlan, dict[str, Style], None]) -> Optional[ModelPlan]:
+    """``ModelParallelStrategy(plan=...)`` as a ModelPlan: a ``{module-glob: style}`` dict is its tensor-parallel
+    part (paths relative to the LightningModule)."""
+    if isinstance(plan, dict):
+        plan = ModelPlan(tensor_parallel=plan, name="user plan")
+    if plan is not None and not isinstance(plan, ModelPlan):
+        raise TypeError(f"plan must be a ModelPlan or a dict of module-glob -> style, got {type(plan).__name__}.")
+    return plan
+
+
 def register_plan(match: Union[type, Callable[[nn.Module], bool]], factory: PlanFactory) -> None:
     """Teach the strategy a model family. ``match`` is a class (isinstance test) or a predicate.
 

@@ -105,10 +105,11 @@ def test_a_plan_given_to_the_strategy_splits_the_users_model(fake_world, world_s
     """A plan passed as ``ModelParallelStrategy(plan=...)`` is relative to the LightningModule; it once reached no
     module at all (the module itself was skipped as "not a model"), and every rank trained a full replica."""
     from helpers.plain_gpt import TENSOR_PLAN, GPTModule
-    from lightning_mp.plans import ModelPlan
+    from lightning_mp.plans import ModelPlan, as_model_plan
 
-    plan = TENSOR_PLAN if form == "dict" else ModelPlan(tensor_parallel=TENSOR_PLAN, blocks="model.blocks")
-    plan = plan if isinstance(plan, ModelPlan) else ModelPlan(tensor_parallel=plan, name="user plan")
+    # What ModelParallelStrategy(plan=...) makes of either form.
+    given = TENSOR_PLAN if form == "dict" else ModelPlan(tensor_parallel=TENSOR_PLAN, blocks="model.blocks")
+    plan = as_model_plan(given)
     full = {name: tuple(p.shape) for name, p in GPTModule().named_parameters()}
     fake_world(world_size - 1, world_size)
     config = ParallelConfig(**layout)
